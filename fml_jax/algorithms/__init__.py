@@ -1,0 +1,19 @@
+"""Federated algorithms. Each is a subclass of `Algorithm`; add new ones to ALGORITHMS."""
+
+from fml_jax.algorithms.base import Algorithm, ClientResult
+from fml_jax.algorithms.fedavg import FedAvg, FedProx
+from fml_jax.algorithms.fml import FML
+from fml_jax.algorithms.local import LocalOnly
+from fml_jax.errors import ConfigError
+
+ALGORITHMS = {cls.name: cls for cls in (FML, FedAvg, FedProx, LocalOnly)}
+
+
+def build_algorithm(config, num_classes: int, input_shape: tuple) -> Algorithm:
+  if config.algorithm not in ALGORITHMS:
+    raise ConfigError("algorithm", f"unknown algorithm '{config.algorithm}'; choose one of "
+                      f"{', '.join(ALGORITHMS)}")
+  return ALGORITHMS[config.algorithm](config, num_classes, input_shape)
+
+
+__all__ = ["ALGORITHMS", "Algorithm", "ClientResult", "build_algorithm"]

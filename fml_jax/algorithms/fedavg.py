@@ -1,0 +1,67 @@
+"""FedAvg (McMahan et al. 2017) and FedProx (Li et al. 2020).
+
+FedProx is FedAvg with (mu / 2) * ||w - w_global||^2 added to every client's loss;
+with mu = 0 the two are the same computation (the term is left out statically).
+Clients keep no state between rounds: each round starts from the global model
+with a fresh optimizer.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from fml_jax import losses
+from fml_jax.algorithms.base import Algorithm, ClientResult
+from fml_jax.models import apply_model, build_model, init_params
+from fml_jax.optimizers import TrainState, make_optimizer
+
+
+class FedAvg(Algorithm):
+  name = "fedavg"
+  default_aggregation = "weighted"   # McMahan et al. weight by client example count
+
+  def __init__(self, config, num_classes, input_shape):
+    super().__init__(config, num_classes, input_shape)
+    self.model = build_model(config.model, num_classes, input_shape, "model")
+    self.optimizer = make_optimizer(config)
+    self.prox_mu = 0.0
+
+  def init(self, key, num_clients):
+    return {"params": init_params(self.model, key, self.input_shape)}, ()
+
+  def client_update(self, server_state, client_state, train_idx, train_n, key, data):
+    global_params = server_state["params"]
+
+    def step(state, x, y, mask, key):
+      del key
+
+      def loss_fn(params):
+        loss = losses.cross_entropy(apply_model(self.model, params, x), y, mask)
+        if self.prox_mu:
+          loss = loss + 0.5 * self.prox_mu * losses.proximal_term(params, global_params)
+        return loss
+
+      loss, grads = jax.value_and_grad(loss_fn)(state.params)
+      return state.apply_gradients(grads, self.optimizer), {"train_loss": loss}
+
+    state, metrics = self.train(step, TrainState.create(global_params, self.optimizer),
+                                train_idx, train_n, key, data)
+    return ClientResult(client_state=client_state, upload=state.params, metrics=metrics)
+
+  def server_update(self, server_state, mean_upload):
+    return {"params": mean_upload}
+
+  def global_model(self, server_state):
+    return self.model, server_state["params"]
+
+  def personalized_model(self, server_state, population):
+    # No personalization: every client is evaluated with the global model.
+    return self.model, server_state["params"], False
+
+
+class FedProx(FedAvg):
+  name = "fedprox"
+
+  def __init__(self, config, num_classes, input_shape):
+    super().__init__(config, num_classes, input_shape)
+    self.prox_mu = float(config.prox_mu)

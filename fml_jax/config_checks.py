@@ -1,0 +1,88 @@
+"""Checks every setting before any data is loaded or any step is compiled.
+
+Each failure is a `ConfigError` naming the field and what is allowed. Checks that
+need the data (a partition that leaves a client empty, a model that does not fit
+the input shape) happen where the data is known and raise the same error type.
+"""
+
+from __future__ import annotations
+
+import math
+
+from fml_jax.algorithms import ALGORITHMS
+from fml_jax.data.partition import PARTITIONS, check_partition_fits_dataset
+from fml_jax.engine import AGGREGATIONS, STRATEGIES
+from fml_jax.errors import ConfigError
+from fml_jax.models import MODELS
+from fml_jax.optimizers import OPTIMIZERS
+
+REQUIRED_FIELDS = (
+    "algorithm", "dataset", "data_dir", "model", "local_model", "num_clients",
+    "clients_per_round", "num_rounds", "local_epochs", "batch_size", "optimizer",
+    "learning_rate", "momentum", "weight_decay", "alpha", "beta", "temperature", "prox_mu",
+    "aggregation", "partition", "dirichlet_alpha", "dirichlet_min_examples",
+    "shards_per_client", "seed", "strategy", "eval_every", "synthetic_alpha",
+    "synthetic_beta", "synthetic_test_fraction", "synthetic_max_client_examples")
+
+
+def _choice(config, field: str, allowed) -> None:
+  value = config[field]
+  if value not in allowed:
+    raise ConfigError(field, f"'{value}' is not one of {', '.join(allowed)}")
+
+
+def _number(config, field: str, low=None, high=None, *, integer=False,
+            low_open=False, high_open=False) -> None:
+  value = config[field]
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+      integer and not isinstance(value, int)):
+    raise ConfigError(field, f"{value!r} is not {'an integer' if integer else 'a number'}")
+  if not math.isfinite(value):
+    raise ConfigError(field, f"{value} is not finite")
+  too_low = low is not None and (value <= low if low_open else value < low)
+  too_high = high is not None and (value >= high if high_open else value > high)
+  if too_low or too_high:
+    lo = "-inf" if low is None else low
+    hi = "inf" if high is None else high
+    interval = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+    raise ConfigError(field, f"{value} is outside {interval}")
+
+
+def validate(config) -> None:
+  """Raises ConfigError for the first setting that is not allowed."""
+  missing = [f for f in REQUIRED_FIELDS if f not in config]
+  if missing:
+    raise ConfigError(missing[0], "is missing from the config; start from "
+                      "fml_jax/configs/default.py, which defines every field")
+  _choice(config, "algorithm", tuple(ALGORITHMS))
+  _choice(config, "model", tuple(MODELS))
+  if config.local_model:
+    _choice(config, "local_model", tuple(MODELS))
+  _choice(config, "partition", PARTITIONS + ("natural",))
+  _choice(config, "optimizer", OPTIMIZERS)
+  _choice(config, "aggregation", AGGREGATIONS)
+  _choice(config, "strategy", STRATEGIES)
+  if not isinstance(config.dataset, str) or not config.dataset:
+    raise ConfigError("dataset", "must be 'synthetic' or a tfds dataset name such as mnist")
+  for field in ("num_clients", "num_rounds", "local_epochs", "batch_size", "eval_every",
+                "shards_per_client"):
+    _number(config, field, 1, integer=True)
+  _number(config, "clients_per_round", 1, config.num_clients, integer=True)
+  _number(config, "seed", 0, 2**31 - 1, integer=True)
+  _number(config, "dirichlet_min_examples", 0, integer=True)
+  _number(config, "synthetic_max_client_examples", 0, integer=True)
+  if 0 < config.synthetic_max_client_examples < 2:
+    raise ConfigError("synthetic_max_client_examples",
+                      "must be 0 (no cap) or at least 2 (one train and one test example)")
+  _number(config, "learning_rate", 0, low_open=True)
+  _number(config, "momentum", 0, 1, high_open=True)
+  _number(config, "weight_decay", 0)
+  _number(config, "alpha", 0, 1)
+  _number(config, "beta", 0, 1)
+  _number(config, "temperature", 0, low_open=True)
+  _number(config, "prox_mu", 0)
+  _number(config, "dirichlet_alpha", 0, low_open=True)
+  _number(config, "synthetic_alpha", 0)
+  _number(config, "synthetic_beta", 0)
+  _number(config, "synthetic_test_fraction", 0, 1, low_open=True, high_open=True)
+  check_partition_fits_dataset(config.dataset, config.partition)

@@ -1,0 +1,53 @@
+r"""FML on FedProx's Synthetic(1, 1): runs anywhere, no download.
+
+  python -m fml_jax.main --config=fml_jax/configs/default.py --workdir=/tmp/fml_default
+
+Every other config starts from this one; override any field on the command line,
+e.g. `--config.num_rounds=50 --config.strategy=vmap`. On this repository's 2-core
+CPU it takes about a minute and reaches roughly 0.7 global and 0.9 personalized
+test accuracy (see README.md for measured numbers).
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # What to run.
+  c.algorithm = "fml"             # fml | fedavg | fedprox | local
+  c.seed = 0
+  # Data.
+  c.dataset = "synthetic"         # synthetic, or a tfds name (mnist, cifar10, ...)
+  c.data_dir = ""                 # tfds data_dir; "" = $TFDS_DATA_DIR, then tfds's default
+  c.partition = "natural"         # natural (synthetic only) | iid | dirichlet | shards
+  c.dirichlet_alpha = 0.5
+  c.dirichlet_min_examples = 10   # redraw a Dirichlet split until every client has this many
+  c.shards_per_client = 2
+  c.synthetic_alpha = 1.0         # Synthetic(a, b): spread of the clients' models
+  c.synthetic_beta = 1.0          # ... and of their inputs
+  c.synthetic_test_fraction = 0.2 # each synthetic client's held-out share
+  c.synthetic_max_client_examples = 2000  # cap on the heavy-tailed client sizes (0: none)
+  # Models.
+  c.model = "mlp"                 # global / meme model: logreg | mlp | cnn | lenet5
+  c.local_model = ""              # FML's and local's private model; "" = same as model
+  # Federation.
+  c.num_clients = 30
+  c.clients_per_round = 10
+  c.num_rounds = 30
+  c.aggregation = "auto"          # auto (fml: uniform, fedavg/fedprox: weighted) | uniform | weighted
+  # Local training.
+  c.local_epochs = 2
+  c.batch_size = 32
+  c.optimizer = "sgd"             # sgd | adam (PyTorch semantics: weight decay is L2 on the gradient)
+  c.learning_rate = 0.01
+  c.momentum = 0.9                # sgd only
+  c.weight_decay = 5e-4
+  # Algorithm settings.
+  c.alpha = 0.5                   # FML: weight of CE in the local model's loss
+  c.beta = 0.5                    # FML: weight of CE in the meme's loss
+  c.temperature = 1.0             # FML: softmax temperature of the KL terms
+  c.prox_mu = 0.01                # FedProx: proximal weight
+  # Execution and reporting.
+  c.strategy = "auto"             # auto | vmap | sequential
+  c.eval_every = 1                # evaluate (and write a metrics line) every N rounds
+  return c
