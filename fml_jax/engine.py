@@ -85,6 +85,8 @@ class Engine:
     self.clients_per_round = clients_per_round
     self.aggregation = algorithm.default_aggregation if aggregation == "auto" else aggregation
     self.strategy = resolve_strategy(strategy)
+    # Jitted: initializing thousands of stacked client models eagerly is slow.
+    self._init = jax.jit(algorithm.init, static_argnums=1)
     self._begin = jax.jit(self.begin_round)
     self._client_update = jax.jit(algorithm.client_update)
     self._finish = jax.jit(self.finish_round, donate_argnums=0)
@@ -93,7 +95,7 @@ class Engine:
   def init(self, seed: int) -> RoundState:
     # Raw uint32 keys (not typed keys) so the state stays plain arrays for checkpoints.
     init_key, rounds_key = jax.random.split(jax.random.PRNGKey(seed))
-    server, population = self.algorithm.init(init_key, self.data.num_clients)
+    server, population = self._init(init_key, self.data.num_clients)
     return RoundState(round=jnp.zeros((), jnp.int32), key=rounds_key, server=server,
                       population=population)
 

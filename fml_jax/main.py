@@ -8,6 +8,7 @@ overridden on the command line. Mistakes in settings or data end the run with on
 line naming the problem (exit status 2), before any training.
 """
 
+import logging as std_logging
 import sys
 
 from absl import app, flags, logging
@@ -15,29 +16,66 @@ from ml_collections import config_flags
 
 from fml_jax.errors import UserError
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "fml_jax/configs/default.py", "Experiment config file (see fml_jax/configs/).",
-    lock_config=True)
+
+def _fail(message: str):
+  print(f"fml_jax: error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _bad_config_flag(error: Exception):
+  if isinstance(error, (KeyError, AttributeError)):
+    name = str(error).strip("\"'").split("'")[0]
+    _fail(f"config has no field {name!r} (from a --config.{name}=... override); "
+          "the fields are listed in fml_jax/configs/default.py")
+  detail = " ".join(str(error).split())
+  _fail(f"--config: could not load the config or apply an override: {detail}")
+
+
+# ml_collections applies --config.FIELD overrides while the flag is defined, so an
+# unknown field fails here, at import, rather than during flag parsing.
+try:
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", "fml_jax/configs/default.py", "Experiment config file (see fml_jax/configs/).",
+      lock_config=True)
+except Exception as e:  # pylint: disable=broad-except  (any failure here is the user's input)
+  _bad_config_flag(e)
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for config.json, metrics.jsonl and "
                                "summary.json.", required=True)
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the results of an earlier run in "
                                "--workdir instead of refusing to start.")
 
 
+def parse_flags(argv):
+  """absl's flag parsing, with config mistakes reported as one line instead of a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(f"{e} (see --helpfull)")
+  except (AttributeError, KeyError, TypeError, OSError) as e:
+    _bad_config_flag(e)
+  return None
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.INFO)
+  std_logging.getLogger("jax").setLevel(std_logging.WARNING)  # backend probing noise
   from fml_jax import train  # pylint: disable=g-import-not-at-top  (after flags: faster --help)
   try:
-    summary = train.run(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
+    config = _CONFIG.value
+    "algorithm" in config  # pylint: disable=pointless-statement  (raises if --config failed to load)
+  except OSError as e:
+    _bad_config_flag(e)
+  try:
+    summary = train.run(config, _WORKDIR.value, overwrite=_OVERWRITE.value)
   except UserError as e:
-    print(f"fml_jax: error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _fail(str(e))
   final = summary["final"] or {}
   logging.info("done: final global acc %s, personalized acc %s; results in %s",
                final.get("global_test_acc"), final.get("local_test_acc_mean"), _WORKDIR.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

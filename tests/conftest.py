@@ -1,0 +1,35 @@
+"""Shared test settings: small configs, and where the prepared tfds datasets are."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from fml_jax.configs import default
+
+REPO = Path(__file__).resolve().parents[1]
+# CI sets TFDS_DATA_DIR=../shared/tfds; fall back to that location for local runs.
+SHARED_TFDS = os.environ.get("TFDS_DATA_DIR") or str(REPO.parent / "shared" / "tfds")
+
+
+def has_tfds_dataset(name: str) -> bool:
+  return (Path(SHARED_TFDS) / name).is_dir()
+
+
+requires_mnist = pytest.mark.skipif(
+    not has_tfds_dataset("mnist"), reason=f"mnist is not prepared in {SHARED_TFDS}")
+
+
+def small_config(**overrides):
+  """The default config shrunk for tests (synthetic data, few clients, few rounds)."""
+  c = default.get_config()
+  c.num_clients = 6
+  c.clients_per_round = 4
+  c.num_rounds = 2
+  c.local_epochs = 2
+  c.batch_size = 16
+  c.synthetic_max_client_examples = 120
+  c.data_dir = SHARED_TFDS
+  for k, v in overrides.items():
+    c[k] = v
+  return c

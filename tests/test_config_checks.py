@@ -1,0 +1,196 @@
+"""Tests of fml_jax/config_checks.validate: every bad setting names its field."""
+
+import importlib
+import math
+from pathlib import Path
+
+import ml_collections
+import pytest
+
+from conftest import small_config
+from fml_jax import config_checks
+from fml_jax.configs import default
+from fml_jax.errors import ConfigError, UserError
+from fml_jax.models import build_model
+
+CONFIG_DIR = Path(config_checks.__file__).resolve().parent / "configs"
+CONFIG_NAMES = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem != "__init__")
+
+
+def with_values(**overrides):
+  """The default config with overrides, bypassing ConfigDict's type locking
+  (so that e.g. a float can be put where an int is required, as a hand-built
+  config or a config file could)."""
+  values = default.get_config().to_dict()
+  for k, v in overrides.items():
+    values[k] = v
+  return ml_collections.ConfigDict(values)
+
+
+BAD = [
+    # (overrides, expected field, text expected in the message)
+    (dict(alpha=1.5), "alpha", "outside [0, 1]"),
+    (dict(alpha=-0.01), "alpha", "outside [0, 1]"),
+    (dict(beta=-0.1), "beta", "outside [0, 1]"),
+    (dict(num_clients=5, clients_per_round=6), "clients_per_round", "outside [1, 5]"),
+    (dict(clients_per_round=0), "clients_per_round", "outside [1, 30]"),
+    (dict(algorithm="fedsgd"), "algorithm", "'fedsgd' is not one of fml, fedavg, fedprox, local"),
+    (dict(model="resnet"), "model", "'resnet' is not one of"),
+    (dict(local_model="vgg"), "local_model", "'vgg' is not one of"),
+    (dict(dataset="mnist", partition="pathological"), "partition", "'pathological' is not one"),
+    (dict(strategy="pmap"), "strategy", "'pmap' is not one of auto, vmap, sequential"),
+    (dict(optimizer="rmsprop"), "optimizer", "'rmsprop' is not one of sgd, adam"),
+    (dict(aggregation="median"), "aggregation", "'median' is not one of auto, uniform, weighted"),
+    (dict(learning_rate=0.0), "learning_rate", "outside (0, inf)"),
+    (dict(learning_rate=-0.1), "learning_rate", "outside (0, inf)"),
+    (dict(learning_rate=math.nan), "learning_rate", "not finite"),
+    (dict(learning_rate=math.inf), "learning_rate", "not finite"),
+    (dict(learning_rate="0.1"), "learning_rate", "is not a number"),
+    (dict(momentum=1.0), "momentum", "outside [0, 1)"),
+    (dict(momentum=-0.5), "momentum", "outside [0, 1)"),
+    (dict(weight_decay=-1e-4), "weight_decay", "outside [0, inf)"),
+    (dict(temperature=0.0), "temperature", "outside (0, inf)"),
+    (dict(prox_mu=-0.01), "prox_mu", "outside [0, inf)"),
+    (dict(batch_size=0), "batch_size", "outside [1, inf)"),
+    (dict(batch_size=True), "batch_size", "is not an integer"),
+    (dict(num_rounds=0), "num_rounds", "outside [1, inf)"),
+    (dict(local_epochs=0), "local_epochs", "outside [1, inf)"),
+    (dict(eval_every=0), "eval_every", "outside [1, inf)"),
+    (dict(num_clients=0), "num_clients", "outside [1, inf)"),
+    (dict(shards_per_client=0), "shards_per_client", "outside [1, inf)"),
+    (dict(dirichlet_alpha=0.0), "dirichlet_alpha", "outside (0, inf)"),
+    (dict(dirichlet_min_examples=-1), "dirichlet_min_examples", "outside [0, inf)"),
+    (dict(seed=-1), "seed", "outside [0, 2147483647]"),
+    (dict(seed=2**31), "seed", "outside [0, 2147483647]"),
+    (dict(synthetic_alpha=-1.0), "synthetic_alpha", "outside [0, inf)"),
+    (dict(synthetic_beta=-1.0), "synthetic_beta", "outside [0, inf)"),
+    (dict(synthetic_test_fraction=0.0), "synthetic_test_fraction", "outside (0, 1)"),
+    (dict(synthetic_test_fraction=1.0), "synthetic_test_fraction", "outside (0, 1)"),
+    (dict(synthetic_max_client_examples=1), "synthetic_max_client_examples", "at least 2"),
+    (dict(synthetic_max_client_examples=-5), "synthetic_max_client_examples", "outside [0, inf)"),
+    (dict(partition="iid"), "partition", "use 'natural', not 'iid'"),
+    (dict(partition="shards"), "partition", "use 'natural', not 'shards'"),
+    (dict(dataset="mnist", partition="natural"), "partition", "only for dataset 'synthetic'"),
+    (dict(dataset=""), "dataset", "must be 'synthetic' or a tfds dataset name"),
+    (dict(dataset=None), "dataset", "must be 'synthetic'"),
+    (dict(num_clients=10.0), "num_clients", "10.0 is not an integer"),
+    (dict(batch_size=32.5), "batch_size", "32.5 is not an integer"),
+    (dict(clients_per_round=4.0), "clients_per_round", "is not an integer"),
+    (dict(seed=1.0), "seed", "is not an integer"),
+    (dict(shards_per_client="2"), "shards_per_client", "'2' is not an integer"),
+]
+
+
+@pytest.mark.parametrize("overrides,field,needle", BAD,
+                         ids=[f"{f}={list(o.values())[-1]!r}" for o, f, _ in BAD])
+def test_bad_setting_names_its_field(overrides, field, needle):
+  config = with_values(**overrides)
+  with pytest.raises(ConfigError) as e:
+    config_checks.validate(config)
+  assert e.value.field == field
+  assert str(e.value).startswith(f"config.{field}: ")
+  assert needle in str(e.value)
+  assert isinstance(e.value, UserError)
+
+
+def test_missing_field_is_named():
+  values = default.get_config().to_dict()
+  del values["temperature"]
+  with pytest.raises(ConfigError) as e:
+    config_checks.validate(ml_collections.ConfigDict(values))
+  assert e.value.field == "temperature"
+  assert str(e.value).startswith("config.temperature: is missing")
+  assert "default.py" in str(e.value)
+
+
+def test_required_fields_are_all_in_default():
+  config = default.get_config()
+  assert set(config_checks.REQUIRED_FIELDS) <= set(config.keys())
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),
+    dict(alpha=0.0, beta=1.0, momentum=0.0, weight_decay=0.0, prox_mu=0.0),
+    dict(clients_per_round=30),                     # == num_clients
+    dict(learning_rate=1),                          # an int is a number
+    dict(dirichlet_min_examples=0, synthetic_max_client_examples=0),
+    dict(synthetic_max_client_examples=2, synthetic_test_fraction=0.5),
+    dict(local_model="cnn", model="logreg"),        # shapes are checked later, with the data
+    dict(dataset="mnist", partition="iid"),
+    dict(dataset="cifar10", partition="shards", shards_per_client=5),
+    dict(dataset="mnist", partition="dirichlet", dirichlet_alpha=1e-3),
+    dict(algorithm="local", strategy="sequential", optimizer="adam", aggregation="weighted"),
+    dict(seed=2**31 - 1),
+])
+def test_good_settings_pass(overrides):
+  config_checks.validate(with_values(**overrides))
+
+
+def test_default_and_small_test_config_pass():
+  config_checks.validate(default.get_config())
+  config_checks.validate(small_config())
+  config_checks.validate(small_config(dataset="mnist", partition="iid", num_clients=10))
+
+
+def test_config_dir_has_the_expected_files():
+  assert {"default", "fml", "fedavg", "fedprox", "local"} <= set(CONFIG_NAMES)
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_every_config_file_passes(name):
+  module = importlib.import_module(f"fml_jax.configs.{name}")
+  config = module.get_config()
+  config_checks.validate(config)
+  assert set(config_checks.REQUIRED_FIELDS) <= set(config.keys())
+
+
+def test_config_files_differ_where_documented():
+  from fml_jax.configs import fedavg, fedprox, fml, local   # pylint: disable=g-import-not-at-top
+  assert fml.get_config().algorithm == "fml"
+  assert fml.get_config().dataset == "mnist"
+  assert fedavg.get_config().algorithm == "fedavg"
+  assert fedprox.get_config().algorithm == "fedprox"
+  assert local.get_config().algorithm == "local"
+  assert default.get_config().algorithm == "fml"
+  assert default.get_config().dataset == "synthetic"
+
+
+def test_validate_reports_the_first_bad_field_in_check_order():
+  # algorithm is checked before numbers; numbers before the dataset/partition fit.
+  with pytest.raises(ConfigError) as e:
+    config_checks.validate(with_values(algorithm="nope", batch_size=0, partition="iid"))
+  assert e.value.field == "algorithm"
+  with pytest.raises(ConfigError) as e:
+    config_checks.validate(with_values(batch_size=0, partition="iid"))
+  assert e.value.field == "batch_size"
+
+
+# ----------------------------------------------------------- model vs. input shape
+
+
+@pytest.mark.parametrize("name,shape,needle", [
+    ("cnn", (60,), "needs image inputs"),
+    ("lenet5", (60,), "needs image inputs"),
+    ("cnn", (8, 8, 1), "at least 12x12"),
+    ("transformer", (28, 28, 1), "unknown model 'transformer'"),
+])
+def test_build_model_rejects_unfit_model(name, shape, needle):
+  with pytest.raises(ConfigError) as e:
+    build_model(name, 10, shape)
+  assert e.value.field == "model"
+  assert str(e.value).startswith("config.model: ")
+  assert needle in str(e.value)
+
+
+def test_build_model_names_local_model_field():
+  with pytest.raises(ConfigError) as e:
+    build_model("cnn", 10, (60,), field="local_model")
+  assert e.value.field == "local_model"
+  assert str(e.value).startswith("config.local_model: ")
+
+
+@pytest.mark.parametrize("name,shape", [
+    ("mlp", (60,)), ("logreg", (60,)), ("mlp", (28, 28, 1)), ("cnn", (28, 28, 1)),
+    ("lenet5", (32, 32, 3))])
+def test_build_model_accepts_fitting_models(name, shape):
+  assert build_model(name, 10, shape) is not None

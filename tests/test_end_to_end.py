@@ -1,0 +1,108 @@
+"""Whole runs: the README's default command, and FML on MNIST from ../shared/tfds."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fml_jax import train
+from fml_jax.data import load_federated_data
+
+from conftest import REPO, SHARED_TFDS, requires_mnist, small_config
+
+
+def run_cli(*args, workdir):
+  env = dict(os.environ, TFDS_DATA_DIR=SHARED_TFDS)
+  return subprocess.run([sys.executable, "-m", "fml_jax.main", f"--workdir={workdir}", *args],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def read_metrics(workdir):
+  return [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+
+
+def test_default_command_runs_and_learns(tmp_path):
+  """Exactly README's first command (the embedded synthetic default)."""
+  proc = run_cli("--config=fml_jax/configs/default.py", workdir=tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  metrics = read_metrics(tmp_path)
+  config = json.load(open(tmp_path / "config.json"))
+  summary = json.load(open(tmp_path / "summary.json"))
+  assert [m["round"] for m in metrics] == list(range(1, config["num_rounds"] + 1))
+  for key in ("global_test_acc", "global_test_loss", "local_test_acc_mean", "local_test_acc_min",
+              "local_test_acc_max", "train_loss", "round_seconds"):
+    assert all(isinstance(m[key], float) for m in metrics), key
+  # Synthetic labels are imbalanced: compare with always predicting the majority class.
+  data = load_federated_data(small_config(**{k: config[k] for k in (
+      "num_clients", "seed", "synthetic_alpha", "synthetic_beta", "synthetic_test_fraction",
+      "synthetic_max_client_examples")}))
+  majority = np.bincount(np.asarray(data.y_test)).max() / data.y_test.shape[0]
+  final = metrics[-1]
+  assert final["global_test_acc"] > majority + 0.2
+  assert final["local_test_acc_mean"] > majority + 0.3
+  assert final["global_test_acc"] > metrics[0]["global_test_acc"] + 0.2
+  assert summary["final"] == final
+  assert "round 30/30" in proc.stderr   # a log line per evaluated round
+
+
+def test_workdir_with_a_run_is_refused_unless_overwrite(tmp_path):
+  cfg = small_config(num_rounds=1)
+  train.run(cfg, str(tmp_path))
+  with pytest.raises(Exception, match="already holds a run"):
+    train.run(cfg, str(tmp_path))
+  summary = train.run(cfg, str(tmp_path), overwrite=True)
+  assert len(read_metrics(tmp_path)) == 1 and summary["num_rounds"] == 1
+
+
+def test_same_seed_gives_identical_metrics(tmp_path):
+  cfg = small_config(num_rounds=3, eval_every=1)
+  train.run(cfg, str(tmp_path / "a"))
+  train.run(cfg, str(tmp_path / "b"))
+  strip = lambda rows: [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
+  assert strip(read_metrics(tmp_path / "a")) == strip(read_metrics(tmp_path / "b"))
+
+
+def test_eval_every_writes_only_evaluated_rounds(tmp_path):
+  train.run(small_config(num_rounds=5, eval_every=2), str(tmp_path))
+  assert [m["round"] for m in read_metrics(tmp_path)] == [2, 4, 5]
+
+
+@pytest.mark.parametrize("args,field", [
+    (["--config.alpha=1.5"], "config.alpha"),
+    (["--config.clients_per_round=50"], "config.clients_per_round"),
+    (["--config.algorithm=fedsgd"], "config.algorithm"),
+    (["--config.model=cnn"], "config.model"),
+    (["--config.nosuchfield=1"], "nosuchfield"),
+    (["--config.dataset=mnist", "--config.partition=iid", "--config.data_dir=/nonexistent/tfds"],
+     "/nonexistent/tfds"),
+])
+def test_bad_settings_fail_with_one_line(tmp_path, args, field):
+  proc = run_cli(*args, workdir=tmp_path)
+  assert proc.returncode == 2
+  assert "Traceback" not in proc.stderr
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("fml_jax: error:")]
+  assert len(errors) == 1 and field in errors[0], proc.stderr[-2000:]
+  assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@requires_mnist
+def test_fml_mnist_iid_reaches_90_percent(tmp_path):
+  cfg = small_config(dataset="mnist", partition="iid", num_clients=10, clients_per_round=10,
+                     num_rounds=3, local_epochs=1, batch_size=64, eval_every=3)
+  summary = train.run(cfg, str(tmp_path))
+  assert summary["final"]["global_test_acc"] > 0.90
+  assert summary["final"]["local_test_acc_mean"] > 0.90
+
+
+@requires_mnist
+def test_fml_mnist_two_shards_personalized_far_above_chance(tmp_path):
+  cfg = small_config(dataset="mnist", partition="shards", shards_per_client=2, num_clients=10,
+                     clients_per_round=10, num_rounds=2, local_epochs=1, batch_size=64,
+                     eval_every=2)
+  summary = train.run(cfg, str(tmp_path))
+  # Each client sees about 2 classes: chance on its own test split is about 0.5.
+  assert summary["final"]["local_test_acc_mean"] > 0.9
+  assert summary["final"]["local_test_acc_min"] > 0.7

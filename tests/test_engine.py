@@ -1,0 +1,204 @@
+"""The vectorized engine against its sequential reference, and the local-training
+machinery against a plain Python loop over real (unpadded) batches."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fml_jax import local_training
+from fml_jax.algorithms import build_algorithm
+from fml_jax.data import from_client_lists, load_federated_data
+from fml_jax.engine import Engine
+from fml_jax.optimizers import TrainState, make_optimizer
+
+from conftest import small_config
+
+ALGORITHMS = ["fml", "fedavg", "fedprox", "local"]
+
+
+_ENGINES = {}
+
+
+def make_engine(config, strategy):
+  """Engines are cached per (config, strategy): each one compiles its own functions,
+  and compiling dominates these tests' time on a small CPU."""
+  key = (str(config), strategy)
+  if key not in _ENGINES:
+    data = load_federated_data(config)
+    algorithm = build_algorithm(config, data.num_classes, data.input_shape)
+    _ENGINES[key] = Engine(algorithm, data, config.clients_per_round, config.aggregation,
+                           strategy)
+  return _ENGINES[key]
+
+
+def run_rounds(config, strategy, rounds):
+  engine = make_engine(config, strategy)
+  state = engine.init(config.seed)
+  history = []
+  for _ in range(rounds):
+    state, metrics = engine.run_round(state)
+    history.append(jax.device_get(metrics))
+  return jax.device_get(state), history
+
+
+def assert_trees_close(a, b, rtol=1e-4, atol=1e-5):
+  chex.assert_trees_all_close(a, b, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_vmap_equals_sequential(algorithm):
+  # Synthetic clients have unequal sizes (here 54 to 96 training examples), so the
+  # smaller clients run masked steps at the end of every epoch.
+  config = small_config(algorithm=algorithm, prox_mu=0.1)
+  data = load_federated_data(config)
+  steps = -(-np.asarray(data.train_n) // config.batch_size)
+  assert steps.max() > steps.min()
+  seq_state, seq_metrics = run_rounds(config, "sequential", 2)
+  vmap_state, vmap_metrics = run_rounds(config, "vmap", 2)
+  assert int(seq_state.round) == int(vmap_state.round) == 2
+  assert_trees_close(seq_state.server, vmap_state.server)
+  assert_trees_close(seq_state.population, vmap_state.population)
+  assert_trees_close(seq_metrics, vmap_metrics)
+
+
+def test_rounds_change_exactly_the_sampled_clients():
+  config = small_config(algorithm="fml", clients_per_round=2)
+  engine = make_engine(config, "vmap")
+  before = jax.device_get(engine.init(config.seed))
+  cohort = jax.device_get(engine.begin_round(engine.init(config.seed), engine.data).ids)
+  after, _ = engine.run_round(engine.init(config.seed))
+  after = jax.device_get(after)
+  assert len(set(cohort.tolist())) == 2
+  changed = [c for c in range(config.num_clients)
+             if not np.allclose(before.population.params["Dense_0"]["kernel"][c],
+                                after.population.params["Dense_0"]["kernel"][c])]
+  assert sorted(changed) == sorted(cohort.tolist())
+
+
+def test_fedprox_with_mu_zero_equals_fedavg():
+  fedavg, _ = run_rounds(small_config(algorithm="fedavg"), "vmap", 2)
+  fedprox, _ = run_rounds(small_config(algorithm="fedprox", prox_mu=0.0), "vmap", 2)
+  assert_trees_close(fedavg.server, fedprox.server, rtol=0, atol=0)
+  moved, _ = run_rounds(small_config(algorithm="fedprox", prox_mu=1.0), "vmap", 2)
+  diff = jax.tree.map(lambda a, b: np.abs(a - b).max(), fedavg.server, moved.server)
+  assert max(jax.tree.leaves(diff)) > 1e-4
+
+
+def test_same_seed_same_result_other_seed_differs():
+  config = small_config(algorithm="fml")
+  a, ma = run_rounds(config, "vmap", 2)
+  b, mb = run_rounds(config, "vmap", 2)
+  assert_trees_close(a.server, b.server, rtol=0, atol=0)
+  assert ma == mb
+  c, _ = run_rounds(small_config(algorithm="fml", seed=1), "vmap", 2)
+  assert not np.allclose(a.server["params"]["Dense_0"]["kernel"],
+                         c.server["params"]["Dense_0"]["kernel"])
+
+
+def test_fml_meme_is_forked_and_memes_are_averaged_uniformly():
+  """With every client in the round, the new global model is the plain mean of the
+  memes each client computes from the old global model."""
+  config = small_config(algorithm="fml", clients_per_round=6)
+  engine = make_engine(config, "vmap")
+  state = engine.init(config.seed)
+  cohort = engine.begin_round(state, engine.data)
+  results = [engine.algorithm.client_update(
+      state.server, jax.tree.map(lambda a: a[i], cohort.client_state), cohort.train_idx[i],
+      cohort.train_n[i], cohort.keys[i], engine.data) for i in range(6)]
+  want = jax.tree.map(lambda *m: np.mean(np.stack(m), 0), *[r.upload for r in results])
+  new_state, _ = engine.run_round(state)
+  assert_trees_close(new_state.server["params"], want)
+
+
+def test_weighted_aggregation_weights_by_example_count():
+  config = small_config(algorithm="fedavg", clients_per_round=6, aggregation="weighted")
+  engine = make_engine(config, "sequential")
+  state = engine.init(config.seed)
+  cohort = engine.begin_round(state, engine.data)
+  uploads = [engine.algorithm.client_update(
+      state.server, (), cohort.train_idx[i], cohort.train_n[i], cohort.keys[i],
+      engine.data).upload for i in range(6)]
+  w = np.asarray(cohort.train_n) / np.asarray(cohort.train_n).sum()
+  want = jax.tree.map(lambda *u: np.tensordot(w, np.stack(u), 1), *uploads)
+  new_state, _ = engine.run_round(state)
+  assert_trees_close(new_state.server["params"], want)
+
+
+# --- local training: masked scan vs a plain loop over real batches -----------------------
+
+def tiny_data(sizes, seed=0):
+  rng = np.random.default_rng(seed)
+  n = sum(sizes)
+  # A fixed pool of 100 examples, so client 0's data never depends on the other sizes.
+  x = rng.normal(size=(100, 8)).astype(np.float32)[:n]
+  y = rng.integers(0, 3, 100).astype(np.int32)[:n]
+  parts = np.split(np.arange(n), np.cumsum(sizes)[:-1])
+  return from_client_lists(x, y, x[:10], y[:10], parts, [np.arange(3)] * len(sizes), 3)
+
+
+def linear_step(optimizer):
+  def step(state, x, y, mask, key):
+    del key
+    def loss_fn(w):
+      logits = x @ w
+      logp = jax.nn.log_softmax(logits)
+      nll = -jnp.take_along_axis(logp, y[:, None], 1)[:, 0]
+      return jnp.sum(nll * mask) / jnp.maximum(mask.sum(), 1)
+    loss, g = jax.value_and_grad(loss_fn)(state.params)
+    return state.apply_gradients(g, optimizer), {"train_loss": loss}
+  return step
+
+
+def reference_local_training(step, state, x_all, y_all, idx, n, key, epochs, batch_size):
+  """A plain loop: shuffle, then the real batches (the last one short), no masking."""
+  shuffle_key, step_key = jax.random.split(key)
+  max_n = idx.shape[0]
+  per_epoch = -(-max_n // batch_size)
+  losses = []
+  for e in range(epochs):
+    order = np.asarray(local_training.epoch_order(jax.random.fold_in(shuffle_key, e), max_n, n))
+    order = order[:n]   # the client's own examples, shuffled
+    for b, start in enumerate(range(0, n, batch_size)):
+      rows = idx[order[start:start + batch_size]]
+      state, m = step(state, x_all[rows], y_all[rows], np.ones(len(rows), bool),
+                      jax.random.fold_in(step_key, e * per_epoch + b))
+      losses.append(float(m["train_loss"]))
+  return state, np.mean(losses)
+
+
+@pytest.mark.parametrize("n,batch_size", [(7, 3), (12, 4), (1, 5), (23, 8)])
+def test_masked_scan_matches_plain_loop(n, batch_size):
+  data = tiny_data([n, 30])   # client 0 is padded up to 30 slots
+  config = small_config(optimizer="sgd", learning_rate=0.1, momentum=0.9, weight_decay=1e-3)
+  optimizer = make_optimizer(config)
+  step = linear_step(optimizer)
+  state = TrainState.create(jnp.asarray(np.random.default_rng(1).normal(size=(8, 3)),
+                                        jnp.float32), optimizer)
+  key = jax.random.PRNGKey(3)
+  got, metrics = jax.jit(lambda s: local_training.run_local_steps(
+      step, s, data, data.train_idx[0], data.train_n[0], key, 2, batch_size))(state)
+  want, want_loss = reference_local_training(step, state, np.asarray(data.x_train),
+                                             np.asarray(data.y_train),
+                                             np.asarray(data.train_idx[0]), n, key, 2,
+                                             batch_size)
+  assert_trees_close(got, want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(metrics["train_loss"], want_loss, rtol=1e-5)
+
+
+def test_padding_does_not_change_a_clients_result():
+  """The same client padded to 12 or to 40 slots trains to the same parameters."""
+  optimizer = make_optimizer(small_config(learning_rate=0.1))
+  step = linear_step(optimizer)
+  state = TrainState.create(jnp.zeros((8, 3)), optimizer)
+  key = jax.random.PRNGKey(0)
+  results = []
+  for other in (5, 40):
+    data = tiny_data([12, other])
+    out, _ = local_training.run_local_steps(step, state, data, data.train_idx[0],
+                                            data.train_n[0], key, 3, 5)
+    results.append(out)
+  assert_trees_close(results[0], results[1], rtol=1e-6, atol=1e-7)
+  # ... and training did something.
+  assert np.abs(np.asarray(results[0].params)).sum() > 0
