@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from fml_jax.algorithms.base import Algorithm, ClientResult
+from fml_jax.algorithms.base import Algorithm, ClientInfo, ClientResult, RoundContext
 from fml_jax.data import FederatedData
 from fml_jax.errors import ConfigError
 
@@ -47,11 +47,8 @@ class RoundState:
 
 @struct.dataclass
 class Cohort:
-  ids: jax.Array          # (k,) sampled client ids
+  clients: ClientInfo     # the sampled clients (leading axis k = clients_per_round)
   client_state: Any       # their population slices
-  train_idx: jax.Array    # (k, max_n)
-  train_n: jax.Array      # (k,)
-  keys: jax.Array         # (k,) one PRNG key per client for this round
 
 
 def resolve_strategy(strategy: str) -> str:
@@ -61,12 +58,6 @@ def resolve_strategy(strategy: str) -> str:
   if strategy != "auto":
     return strategy
   return "sequential" if jax.default_backend() == "cpu" else "vmap"
-
-
-def mean_over_clients(tree, weights: jax.Array):
-  """Weighted mean over the leading (client) axis of every leaf."""
-  w = weights / jnp.sum(weights)
-  return jax.tree.map(lambda x: jnp.tensordot(w.astype(x.dtype), x, axes=1), tree)
 
 
 class Engine:
@@ -107,26 +98,31 @@ class Engine:
                             (self.clients_per_round,), replace=False)
     # A client's key depends on its id, not its position in the cohort.
     keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.fold_in(round_key, 1), ids)
-    return Cohort(ids=ids, client_state=jax.tree.map(lambda p: p[ids], state.population),
-                  train_idx=data.train_idx[ids], train_n=data.train_n[ids], keys=keys)
+    clients = ClientInfo(id=ids, position=jnp.arange(self.clients_per_round, dtype=jnp.int32),
+                         train_idx=data.train_idx[ids], train_n=data.train_n[ids], key=keys)
+    return Cohort(clients=clients,
+                  client_state=jax.tree.map(lambda p: p[ids], state.population))
 
   def finish_round(self, state: RoundState, cohort: Cohort,
                    results: ClientResult) -> tuple[RoundState, dict]:
-    population = jax.tree.map(lambda p, new: p.at[cohort.ids].set(new), state.population,
+    ids = cohort.clients.id
+    population = jax.tree.map(lambda p, new: p.at[ids].set(new), state.population,
                               results.client_state)
     if self.aggregation == "weighted":
-      weights = cohort.train_n.astype(jnp.float32)
+      weights = cohort.clients.train_n.astype(jnp.float32)
     else:
-      weights = jnp.ones(cohort.ids.shape, jnp.float32)
-    server = self.algorithm.server_update(state.server,
-                                          mean_over_clients(results.upload, weights))
+      weights = jnp.ones(ids.shape, jnp.float32)
+    context = RoundContext(round=state.round, clients=cohort.clients,
+                           weights=weights / jnp.sum(weights),
+                           key=jax.random.fold_in(jax.random.fold_in(state.key, state.round), 2))
+    server = self.algorithm.server_update(state.server, results.upload, context)
     metrics = jax.tree.map(jnp.mean, results.metrics)
     return state.replace(round=state.round + 1, server=server, population=population), metrics
 
   def vmap_round(self, state: RoundState, data: FederatedData) -> tuple[RoundState, dict]:
     cohort = self.begin_round(state, data)
-    results = jax.vmap(self.algorithm.client_update, in_axes=(None, 0, 0, 0, 0, None))(
-        state.server, cohort.client_state, cohort.train_idx, cohort.train_n, cohort.keys, data)
+    results = jax.vmap(self.algorithm.client_update, in_axes=(None, 0, 0, None))(
+        state.server, cohort.client_state, cohort.clients, data)
     return self.finish_round(state, cohort, results)
 
   # --- strategies ----------------------------------------------------------------------
@@ -136,8 +132,8 @@ class Engine:
     outputs = []
     for i in range(self.clients_per_round):
       client = jax.tree.map(lambda a: a[i], cohort)
-      outputs.append(self._client_update(state.server, client.client_state, client.train_idx,
-                                         client.train_n, client.keys, self.data))
+      outputs.append(self._client_update(state.server, client.client_state, client.clients,
+                                         self.data))
     results = jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
     return self._finish(state, cohort, results)
 

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fml_jax.algorithms.base import PersonalizedModels
 from fml_jax.data import FederatedData
 from fml_jax.models import apply_model
 
@@ -53,24 +54,27 @@ def _evaluate_client_chunk(model, params, data, per_client: bool, batch_size: in
   return jax.vmap(one, in_axes=(0 if per_client else None, 0, 0))(params, idx, count)
 
 
-def evaluate_personalized(model: nn.Module, params, per_client: bool,
-                          data: FederatedData) -> tuple[np.ndarray, np.ndarray]:
+def evaluate_personalized(models: PersonalizedModels, data: FederatedData) -> tuple[np.ndarray, np.ndarray]:
   """Per-client (accuracy, loss) of each client's model on its own test split.
 
-  Clients go through in fixed-size chunks (the last one padded by repeating
-  client 0, then dropped) so one compiled function serves every chunk.
+  Clients go through in fixed-size chunks (the last one padded by repeating its
+  first entry, then dropped) so one compiled function serves every chunk.
   """
+  client_ids = (np.arange(data.num_clients) if models.client_ids is None
+                else np.asarray(models.client_ids))
+  num = len(client_ids)
   max_test = data.test_idx.shape[1]
   batch_size = min(max_test, 256)
-  chunk = max(1, min(data.num_clients, EXAMPLES_PER_CALL // batch_size))
+  chunk = max(1, min(num, EXAMPLES_PER_CALL // batch_size))
   accs, losses = [], []
-  for start in range(0, data.num_clients, chunk):
-    ids = np.arange(start, start + chunk)
-    ids = np.where(ids < data.num_clients, ids, 0)
-    chunk_params = jax.tree.map(lambda p: p[ids], params) if per_client else params
-    acc, loss = _evaluate_client_chunk(model, chunk_params, data, per_client, batch_size,
+  for start in range(0, num, chunk):
+    pos = np.arange(start, start + chunk)
+    pos = np.where(pos < num, pos, start)
+    ids = client_ids[pos]
+    params = jax.tree.map(lambda p: p[pos], models.params) if models.per_client else models.params
+    acc, loss = _evaluate_client_chunk(models.model, params, data, models.per_client, batch_size,
                                        data.test_idx[ids], data.test_n[ids])
-    keep = min(chunk, data.num_clients - start)
+    keep = min(chunk, num - start)
     accs.append(np.asarray(acc)[:keep])
     losses.append(np.asarray(loss)[:keep])
   return np.concatenate(accs), np.concatenate(losses)

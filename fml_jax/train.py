@@ -35,8 +35,8 @@ def evaluate(engine: Engine, state: RoundState, data: FederatedData) -> dict:
   if global_model is not None:
     acc, loss = evaluation.evaluate_global(global_model[0], global_model[1], data)
     result.update(global_test_acc=float(acc), global_test_loss=float(loss))
-  model, params, per_client = algorithm.personalized_model(state.server, state.population)
-  accs, _ = evaluation.evaluate_personalized(model, params, per_client, data)
+  accs, _ = evaluation.evaluate_personalized(
+      algorithm.personalized_model(state.server, state.population), data)
   result.update(local_test_acc_mean=float(accs.mean()), local_test_acc_min=float(accs.min()),
                 local_test_acc_max=float(accs.max()))
   return result
@@ -72,7 +72,7 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
       engine.aggregation)
   outputs.atomic_write_json(path / "config.json", config.to_dict())
   writer = outputs.MetricsWriter(path / "metrics.jsonl")
-  round_seconds, last = [], None
+  round_seconds, records = [], []
   try:
     for r in range(1, config.num_rounds + 1):
       t0 = time.perf_counter()
@@ -87,14 +87,15 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
                 "elapsed_seconds": time.perf_counter() - start}
       writer.write(record)
       log_round(record, config.num_rounds)
-      last = record
+      records.append(record)
   finally:
     writer.close()
   steady = round_seconds[1:] or round_seconds
+  global_model = algorithm.global_model(state.server)
   summary = {
-      "final": last,
-      "best_global_test_acc": _best(path, "global_test_acc"),
-      "best_local_test_acc_mean": _best(path, "local_test_acc_mean"),
+      "final": records[-1],
+      "best_global_test_acc": _best(records, "global_test_acc"),
+      "best_local_test_acc_mean": _best(records, "local_test_acc_mean"),
       "num_rounds": config.num_rounds,
       "first_round_seconds": round_seconds[0],   # includes compilation
       "median_round_seconds": statistics.median(steady),
@@ -104,15 +105,12 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
       "backend": jax.default_backend(),
       "devices": [str(d) for d in jax.devices()],
       "jax_version": jax.__version__,
-      "global_model_params": (count_params(algorithm.global_model(state.server)[1])
-                              if algorithm.global_model(state.server) else 0),
+      "global_model_params": count_params(global_model[1]) if global_model else 0,
   }
   outputs.atomic_write_json(path / "summary.json", summary)
   return summary
 
 
-def _best(path, key: str):
-  import json  # pylint: disable=g-import-not-at-top
-  values = [json.loads(line).get(key) for line in open(path / "metrics.jsonl")]
-  values = [v for v in values if v is not None]
+def _best(records: list[dict], key: str):
+  values = [r[key] for r in records if r[key] is not None]
   return max(values) if values else None

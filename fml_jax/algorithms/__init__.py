@@ -1,6 +1,6 @@
 """Federated algorithms. Each is a subclass of `Algorithm`; add new ones to ALGORITHMS."""
 
-from fml_jax.algorithms.base import Algorithm, ClientResult
+from fml_jax.algorithms.base import Algorithm, ClientInfo, ClientResult, PersonalizedModels, RoundContext
 from fml_jax.algorithms.fedavg import FedAvg, FedProx
 from fml_jax.algorithms.fml import FML
 from fml_jax.algorithms.local import LocalOnly
@@ -16,4 +16,5 @@ def build_algorithm(config, num_classes: int, input_shape: tuple) -> Algorithm:
   return ALGORITHMS[config.algorithm](config, num_classes, input_shape)
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "ClientResult", "build_algorithm"]
+__all__ = ["ALGORITHMS", "Algorithm", "ClientInfo", "ClientResult", "PersonalizedModels",
+           "RoundContext", "build_algorithm"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 
 from fml_jax import losses
-from fml_jax.algorithms.base import Algorithm, ClientResult
+from fml_jax.algorithms.base import Algorithm, ClientResult, PersonalizedModels, mean_over_clients
 from fml_jax.models import apply_model, build_model, init_params
 from fml_jax.optimizers import TrainState, make_optimizer
 
@@ -29,7 +29,7 @@ class FedAvg(Algorithm):
   def init(self, key, num_clients):
     return {"params": init_params(self.model, key, self.input_shape)}, ()
 
-  def client_update(self, server_state, client_state, train_idx, train_n, key, data):
+  def client_update(self, server_state, client_state, client, data):
     global_params = server_state["params"]
 
     def step(state, x, y, mask, key):
@@ -45,18 +45,18 @@ class FedAvg(Algorithm):
       return state.apply_gradients(grads, self.optimizer), {"train_loss": loss}
 
     state, metrics = self.train(step, TrainState.create(global_params, self.optimizer),
-                                train_idx, train_n, key, data)
+                                client, data)
     return ClientResult(client_state=client_state, upload=state.params, metrics=metrics)
 
-  def server_update(self, server_state, mean_upload):
-    return {"params": mean_upload}
+  def server_update(self, server_state, uploads, context):
+    return {"params": mean_over_clients(uploads, context.weights)}
 
   def global_model(self, server_state):
     return self.model, server_state["params"]
 
   def personalized_model(self, server_state, population):
     # No personalization: every client is evaluated with the global model.
-    return self.model, server_state["params"], False
+    return PersonalizedModels(self.model, server_state["params"], per_client=False)
 
 
 class FedProx(FedAvg):

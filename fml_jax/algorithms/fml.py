@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 
 from fml_jax import losses
-from fml_jax.algorithms.base import Algorithm, ClientResult
+from fml_jax.algorithms.base import Algorithm, ClientResult, PersonalizedModels, mean_over_clients
 from fml_jax.models import apply_model, build_model, init_params
 from fml_jax.optimizers import TrainState, make_optimizer
 
@@ -59,17 +59,16 @@ class FML(Algorithm):
                "train_loss_local": loss_local}
     return (meme, local), metrics
 
-  def client_update(self, server_state, client_state, train_idx, train_n, key, data):
+  def client_update(self, server_state, client_state, client, data):
     meme = TrainState.create(server_state["params"], self.optimizer)   # fork + fresh optimizer
-    (meme, local), metrics = self.train(self.step, (meme, client_state), train_idx, train_n, key,
-                                        data)
+    (meme, local), metrics = self.train(self.step, (meme, client_state), client, data)
     return ClientResult(client_state=local, upload=meme.params, metrics=metrics)
 
-  def server_update(self, server_state, mean_upload):
-    return {"params": mean_upload}
+  def server_update(self, server_state, uploads, context):
+    return {"params": mean_over_clients(uploads, context.weights)}
 
   def global_model(self, server_state):
     return self.meme_model, server_state["params"]
 
   def personalized_model(self, server_state, population):
-    return self.local_model, population.params, True
+    return PersonalizedModels(self.local_model, population.params, per_client=True)

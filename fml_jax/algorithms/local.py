@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 
 from fml_jax import losses
-from fml_jax.algorithms.base import Algorithm, ClientResult
+from fml_jax.algorithms.base import Algorithm, ClientResult, PersonalizedModels
 from fml_jax.models import apply_model, build_model, init_params
 from fml_jax.optimizers import TrainState, make_optimizer
 
@@ -27,15 +27,15 @@ class LocalOnly(Algorithm):
       return TrainState.create(init_params(self.model, k, self.input_shape), self.optimizer)
     return (), jax.vmap(init_client)(jax.random.split(key, num_clients))
 
-  def client_update(self, server_state, client_state, train_idx, train_n, key, data):
+  def client_update(self, server_state, client_state, client, data):
     def step(state, x, y, mask, key):
       del key
       loss, grads = jax.value_and_grad(
           lambda p: losses.cross_entropy(apply_model(self.model, p, x), y, mask))(state.params)
       return state.apply_gradients(grads, self.optimizer), {"train_loss": loss}
 
-    state, metrics = self.train(step, client_state, train_idx, train_n, key, data)
+    state, metrics = self.train(step, client_state, client, data)
     return ClientResult(client_state=state, upload=(), metrics=metrics)
 
   def personalized_model(self, server_state, population):
-    return self.model, population.params, True
+    return PersonalizedModels(self.model, population.params, per_client=True)
