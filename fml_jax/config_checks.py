@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from fml_jax.algorithms import ALGORITHMS
+from fml_jax.algorithms import ALGORITHMS, fedmr
 from fml_jax.data.partition import PARTITIONS, check_partition_fits_dataset
 from fml_jax.engine import AGGREGATIONS, STRATEGIES
 from fml_jax.errors import ConfigError
@@ -22,7 +22,9 @@ REQUIRED_FIELDS = (
     "learning_rate", "momentum", "weight_decay", "alpha", "beta", "temperature", "prox_mu",
     "aggregation", "partition", "dirichlet_alpha", "dirichlet_min_examples",
     "shards_per_client", "seed", "strategy", "eval_every", "synthetic_alpha",
-    "synthetic_beta", "synthetic_test_fraction", "synthetic_max_client_examples")
+    "synthetic_beta", "synthetic_test_fraction", "synthetic_max_client_examples",
+    "fedmr_first_stage_rounds", "fedmr_granularity", "fedmr_block_fraction",
+    "fedmr_optimizer_state")
 
 
 def _choice(config, field: str, allowed) -> None:
@@ -62,6 +64,10 @@ def validate(config) -> None:
   _choice(config, "optimizer", OPTIMIZERS)
   _choice(config, "aggregation", AGGREGATIONS)
   _choice(config, "strategy", STRATEGIES)
+  _choice(config, "fedmr_granularity", fedmr.GRANULARITIES)
+  _choice(config, "fedmr_optimizer_state", fedmr.OPTIMIZER_STATE_MODES)
+  _number(config, "fedmr_first_stage_rounds", 0, integer=True)
+  _number(config, "fedmr_block_fraction", 0, 1, low_open=True)
   if not isinstance(config.dataset, str) or not config.dataset:
     raise ConfigError("dataset", "must be 'synthetic' or a tfds dataset name such as mnist")
   for field in ("num_clients", "num_rounds", "local_epochs", "batch_size", "eval_every",

@@ -15,7 +15,7 @@ from fml_jax.optimizers import TrainState, make_optimizer
 
 from conftest import small_config
 
-ALGORITHMS = ["fml", "fedavg", "fedprox", "local"]
+ALGORITHMS = ["fml", "fedavg", "fedprox", "local", "fedmr"]
 
 
 _ENGINES = {}

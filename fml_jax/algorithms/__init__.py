@@ -2,11 +2,12 @@
 
 from fml_jax.algorithms.base import Algorithm, ClientInfo, ClientResult, PersonalizedModels, RoundContext
 from fml_jax.algorithms.fedavg import FedAvg, FedProx
+from fml_jax.algorithms.fedmr import FedMR
 from fml_jax.algorithms.fml import FML
 from fml_jax.algorithms.local import LocalOnly
 from fml_jax.errors import ConfigError
 
-ALGORITHMS = {cls.name: cls for cls in (FML, FedAvg, FedProx, LocalOnly)}
+ALGORITHMS = {cls.name: cls for cls in (FML, FedAvg, FedProx, LocalOnly, FedMR)}
 
 
 def build_algorithm(config, num_classes: int, input_shape: tuple) -> Algorithm:

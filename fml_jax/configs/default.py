@@ -14,7 +14,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # What to run.
-  c.algorithm = "fml"             # fml | fedavg | fedprox | local
+  c.algorithm = "fml"             # fml | fedavg | fedprox | local | fedmr
   c.seed = 0
   # Data.
   c.dataset = "synthetic"         # synthetic, or a tfds name (mnist, cifar10, ...)
@@ -47,6 +47,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.beta = 0.5                    # FML: weight of CE in the meme's loss
   c.temperature = 1.0             # FML: softmax temperature of the KL terms
   c.prox_mu = 0.01                # FedProx: proximal weight
+  c.fedmr_first_stage_rounds = 0  # FedMR: rounds of plain averaging before recombination
+  c.fedmr_granularity = "tensor"  # FedMR: tensor | layer (kernel with bias) | block
+  c.fedmr_block_fraction = 0.25   # FedMR, block granularity: share of the layers per block
+  c.fedmr_optimizer_state = "reset"  # FedMR: reset | keep | recombine (moves with its layers)
   # Execution and reporting.
   c.strategy = "auto"             # auto | vmap | sequential
   c.eval_every = 1                # evaluate (and write a metrics line) every N rounds

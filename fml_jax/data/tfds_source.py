@@ -65,8 +65,13 @@ def load_image_dataset(name: str, data_dir: str = "") -> ImageDataset:
   except tfds.core.registered.DatasetNotFoundError:
     raise DataError(f"config.dataset: unknown dataset '{name}': it is neither 'synthetic' "
                     "nor a tfds dataset name (e.g. mnist, cifar10)") from None
-  if not (Path(resolved) / name).is_dir():
-    raise _not_prepared(name, resolved, source, f"there is no folder {Path(resolved) / name}")
+  folder = Path(resolved) / name
+  if not folder.is_dir():
+    raise _not_prepared(name, resolved, source, f"there is no folder {folder}")
+  if not any(folder.glob("*/*.array_record*")):
+    raise _not_prepared(name, resolved, source,
+                        f"{folder} holds no array_record files (fml_jax reads tfds's array_record "
+                        "format without TensorFlow; TFRecord-prepared datasets need re-preparing)")
   try:
     splits = tfds.data_source(name, data_dir=resolved, download=False)
   except Exception as e:  # tfds raises several types here; all mean "not readable".

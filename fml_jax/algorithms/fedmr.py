@@ -1,0 +1,138 @@
+"""FedMR: federated learning by layer-wise model recombination (Hu et al. 2022/2024).
+
+The server keeps K model slots (K = clients_per_round), all from one
+initialization. Each round the i-th sampled client trains slot i (plain CE), then
+the server either resets every slot to their mean (the first
+`fedmr_first_stage_rounds` rounds: FedAvg) or **recombines** them: for every
+parameter group an independent random permutation `perm` of the K slots, and slot
+i receives that group from slot perm[i]. On stacked pytrees this is one gather
+along the slot axis per leaf. The model evaluated globally is the unweighted mean
+of the slots (recombination preserves it).
+
+`fedmr_granularity` sets what a group is:
+  tensor  every parameter leaf on its own (the official code: a kernel and its bias
+          may come from different slots);
+  layer   all leaves of one module together (kernel with its bias);
+  block   consecutive layers, `fedmr_block_fraction` of the layers per block, in the
+          order of the flattened parameter tree (for our models: input to output).
+
+`fedmr_optimizer_state`: `reset` (default, as the official code, which builds a new
+optimizer every round), `keep` (each slot keeps its optimizer state, which stays
+with the slot), or `recombine` (the parameter-shaped parts of the optimizer state
+move with their parameters).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fml_jax import losses
+from fml_jax.algorithms.base import (Algorithm, ClientResult, PersonalizedModels,
+                                     mean_over_clients)
+from fml_jax.models import apply_model, build_model, init_params
+from fml_jax.optimizers import TrainState, make_optimizer
+
+GRANULARITIES = ("tensor", "layer", "block")
+OPTIMIZER_STATE_MODES = ("reset", "keep", "recombine")
+
+
+def recombination_groups(params, granularity: str, block_fraction: float) -> list[int]:
+  """The group number of every leaf of `params` (in `jax.tree.leaves` order)."""
+  paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  if granularity == "tensor":
+    return list(range(len(paths)))
+  layers = list(dict.fromkeys(path[:-1] for path in paths))   # modules, in tree order
+  layer_of = [layers.index(path[:-1]) for path in paths]
+  if granularity == "layer":
+    return layer_of
+  per_block = max(1, math.ceil(block_fraction * len(layers)))
+  return [layer // per_block for layer in layer_of]
+
+
+def recombination_permutations(params, key: jax.Array, num_slots: int, granularity: str,
+                               block_fraction: float):
+  """A pytree like `params` (one level: a (K,) int32 permutation per leaf); leaves of the
+  same group share their permutation."""
+  groups = recombination_groups(params, granularity, block_fraction)
+  perms = [jax.random.permutation(jax.random.fold_in(key, g), num_slots) for g in groups]
+  return jax.tree.unflatten(jax.tree.structure(params), perms)
+
+
+def recombine(slots, perms):
+  """Slot i of each leaf receives slot perms[i] of that leaf."""
+  return jax.tree.map(lambda leaf, perm: leaf[perm], slots, perms)
+
+
+class FedMR(Algorithm):
+  name = "fedmr"
+  default_aggregation = "uniform"
+
+  def __init__(self, config, num_classes, input_shape):
+    super().__init__(config, num_classes, input_shape)
+    self.model = build_model(config.model, num_classes, input_shape, "model")
+    self.optimizer = make_optimizer(config)
+    self.num_slots = config.clients_per_round
+    self.keeps_optimizer_state = config.fedmr_optimizer_state != "reset"
+
+  def init(self, key, num_clients):
+    params = init_params(self.model, key, self.input_shape)
+    stack = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (self.num_slots, *x.shape)),
+                                      tree)
+    server = {"slots": stack(params),
+              "last_client": jnp.full((self.num_slots,), -1, jnp.int32)}
+    if self.keeps_optimizer_state:
+      server["opt_state"] = stack(self.optimizer.init(params))
+    return server, ()
+
+  def client_update(self, server_state, client_state, client, data):
+    slot = lambda tree: jax.tree.map(lambda x: x[client.position], tree)
+    params = slot(server_state["slots"])
+    opt_state = (slot(server_state["opt_state"]) if self.keeps_optimizer_state
+                 else self.optimizer.init(params))
+
+    def step(state, x, y, mask, key):
+      del key
+      loss, grads = jax.value_and_grad(
+          lambda p: losses.cross_entropy(apply_model(self.model, p, x), y, mask))(state.params)
+      return state.apply_gradients(grads, self.optimizer), {"train_loss": loss}
+
+    state, metrics = self.train(step, TrainState(params=params, opt_state=opt_state), client,
+                                data)
+    upload = {"params": state.params}
+    if self.keeps_optimizer_state:
+      upload["opt_state"] = state.opt_state
+    return ClientResult(client_state=client_state, upload=upload, metrics=metrics)
+
+  def server_update(self, server_state, uploads, context):
+    # uploads are stacked in cohort-position order: entry i is the trained slot i.
+    c = self.config
+    trained = uploads["params"]
+    mean = mean_over_clients(trained, context.weights)
+    perms = recombination_permutations(trained, context.key, self.num_slots,
+                                       c.fedmr_granularity, c.fedmr_block_fraction)
+    first_stage = context.round < c.fedmr_first_stage_rounds
+    slots = jax.lax.cond(
+        first_stage,
+        lambda: jax.tree.map(lambda m, t: jnp.broadcast_to(m, t.shape), mean, trained),
+        lambda: recombine(trained, perms))
+    server = {"slots": slots, "last_client": context.clients.id}
+    if self.keeps_optimizer_state:
+      opt_state = uploads["opt_state"]
+      if c.fedmr_optimizer_state == "recombine":
+        moved = optax.tree_utils.tree_map_params(self.optimizer, lambda s, p: s[p], opt_state,
+                                                 perms)
+        opt_state = jax.lax.cond(first_stage, lambda: opt_state, lambda: moved)
+      server["opt_state"] = opt_state
+    return server
+
+  def global_model(self, server_state):
+    return self.model, jax.tree.map(lambda s: jnp.mean(s, axis=0), server_state["slots"])
+
+  def personalized_model(self, server_state, population):
+    # Each slot on the test split of the client that trained it last.
+    return PersonalizedModels(self.model, server_state["slots"], per_client=True,
+                              client_ids=server_state["last_client"])
