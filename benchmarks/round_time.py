@@ -71,8 +71,8 @@ def measure(config, rounds: int) -> dict:
   for _ in range(rounds):
     for strategy in STRATEGIES:   # interleaved: both see the same machine load
       t0 = time.perf_counter()
-      states[strategy], metrics = engines[strategy].run_round(states[strategy])
-      jax.block_until_ready((states[strategy], metrics))
+      states[strategy], report = engines[strategy].run_round(states[strategy])
+      jax.block_until_ready((states[strategy], report))
       times[strategy].append(time.perf_counter() - t0)
   steps = int(jax.device_get(-(-data.train_n // config.batch_size)).sum())
   return {s: {"first_round_s": t[0], "median_round_s": statistics.median(t[1:]),

@@ -46,6 +46,22 @@ class RoundState:
 
 
 @struct.dataclass
+class RoundReport:
+  """What a round reports besides the new state (all on device; fetch what you need)."""
+  metrics: dict              # training metrics, each the mean over the cohort
+  cohort: jax.Array          # (k,) the ids of the clients that trained
+  client_finite: jax.Array   # (k,) bool: the client's loss, upload and new state are finite
+  all_finite: jax.Array      # () bool: every client and the new server state are finite
+
+
+def tree_is_finite(tree) -> jax.Array:
+  """() bool: no NaN or inf in any floating-point leaf."""
+  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+           if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
+
+
+@struct.dataclass
 class Cohort:
   clients: ClientInfo     # the sampled clients (leading axis k = clients_per_round)
   client_state: Any       # their population slices
@@ -83,6 +99,30 @@ class Engine:
     self._finish = jax.jit(self.finish_round, donate_argnums=0)
     self._vmap_round = jax.jit(self.vmap_round, donate_argnums=0)
 
+  def compile(self, state_like: RoundState) -> dict:
+    """Compiles the round ahead of time for states shaped like `state_like` (arrays or
+    `jax.ShapeDtypeStruct`s) and returns XLA's memory analysis of it, in bytes:
+    {"temp": scratch memory, "output": new buffers, "alias": outputs written in place}.
+    Later rounds run the compiled executable, so nothing is compiled twice."""
+    if self.strategy == "vmap":
+      compiled = self._vmap_round.lower(state_like, self.data).compile()
+      self._vmap_round = compiled
+    else:
+      cohort = jax.eval_shape(self.begin_round, state_like, self.data)
+      one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), cohort)
+      compiled = self._client_update.lower(state_like.server, one.client_state, one.clients,
+                                           self.data).compile()
+      self._client_update = compiled
+    stats = compiled.memory_analysis()
+    if stats is None:   # some backends do not report it
+      return {"temp": 0, "output": 0, "alias": 0}
+    return {"temp": int(stats.temp_size_in_bytes), "output": int(stats.output_size_in_bytes),
+            "alias": int(stats.alias_size_in_bytes)}
+
+  def abstract_state(self, seed: int = 0) -> RoundState:
+    """The shapes and dtypes of `init(seed)`, without allocating anything."""
+    return jax.eval_shape(lambda: self.init(seed))
+
   def init(self, seed: int) -> RoundState:
     # Raw uint32 keys (not typed keys) so the state stays plain arrays for checkpoints.
     init_key, rounds_key = jax.random.split(jax.random.PRNGKey(seed))
@@ -104,7 +144,7 @@ class Engine:
                   client_state=jax.tree.map(lambda p: p[ids], state.population))
 
   def finish_round(self, state: RoundState, cohort: Cohort,
-                   results: ClientResult) -> tuple[RoundState, dict]:
+                   results: ClientResult) -> tuple[RoundState, RoundReport]:
     ids = cohort.clients.id
     population = jax.tree.map(lambda p, new: p.at[ids].set(new), state.population,
                               results.client_state)
@@ -116,10 +156,15 @@ class Engine:
                            weights=weights / jnp.sum(weights),
                            key=jax.random.fold_in(jax.random.fold_in(state.key, state.round), 2))
     server = self.algorithm.server_update(state.server, results.upload, context)
-    metrics = jax.tree.map(jnp.mean, results.metrics)
-    return state.replace(round=state.round + 1, server=server, population=population), metrics
+    # The divergence guard: one flag per client and one for the round, reduced on device.
+    client_finite = jax.vmap(tree_is_finite)(
+        (results.metrics, results.upload, results.client_state))
+    report = RoundReport(metrics=jax.tree.map(jnp.mean, results.metrics), cohort=ids,
+                         client_finite=client_finite,
+                         all_finite=jnp.all(client_finite) & tree_is_finite(server))
+    return state.replace(round=state.round + 1, server=server, population=population), report
 
-  def vmap_round(self, state: RoundState, data: FederatedData) -> tuple[RoundState, dict]:
+  def vmap_round(self, state: RoundState, data: FederatedData) -> tuple[RoundState, RoundReport]:
     cohort = self.begin_round(state, data)
     results = jax.vmap(self.algorithm.client_update, in_axes=(None, 0, 0, None))(
         state.server, cohort.client_state, cohort.clients, data)
@@ -127,7 +172,7 @@ class Engine:
 
   # --- strategies ----------------------------------------------------------------------
 
-  def sequential_round(self, state: RoundState) -> tuple[RoundState, dict]:
+  def sequential_round(self, state: RoundState) -> tuple[RoundState, RoundReport]:
     cohort = self._begin(state, self.data)
     outputs = []
     for i in range(self.clients_per_round):
@@ -137,7 +182,7 @@ class Engine:
     results = jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
     return self._finish(state, cohort, results)
 
-  def run_round(self, state: RoundState) -> tuple[RoundState, dict]:
+  def run_round(self, state: RoundState) -> tuple[RoundState, RoundReport]:
     """One round; the input state's buffers are donated (do not reuse `state`)."""
     if self.strategy == "vmap":
       return self._vmap_round(state, self.data)

@@ -46,6 +46,13 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the results of an ea
                                "--workdir instead of refusing to start.")
 
 
+class _OnlyWarningsFromLibraries(std_logging.Filter):
+  """orbax logs every checkpoint step at INFO through absl; keep the console readable."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
 def parse_flags(argv):
   """absl's flag parsing, with config mistakes reported as one line instead of a traceback."""
   try:
@@ -62,6 +69,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.INFO)
   std_logging.getLogger("jax").setLevel(std_logging.WARNING)  # backend probing noise
+  logging.get_absl_handler().addFilter(_OnlyWarningsFromLibraries())
   from fml_jax import train  # pylint: disable=g-import-not-at-top  (after flags: faster --help)
   try:
     config = _CONFIG.value
@@ -70,6 +78,9 @@ def main(argv):
     _bad_config_flag(e)
   try:
     summary = train.run(config, _WORKDIR.value, overwrite=_OVERWRITE.value)
+  except train.DivergenceError as e:
+    print(f"fml_jax: error: {e}", file=sys.stderr)
+    sys.exit(3)
   except UserError as e:
     _fail(str(e))
   final = summary["final"] or {}

@@ -2,6 +2,7 @@
 
   config.json     the full config, written (atomically) before training starts
   metrics.jsonl   one JSON object per evaluated round, appended and flushed as it happens
+  checkpoints/    orbax checkpoints of the round state (see checkpoints.py)
   summary.json    written (atomically) only when the run finishes: its presence means
                   the run completed
 """
@@ -11,11 +12,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 from fml_jax.errors import UserError
 
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json")
+CHECKPOINT_DIR = "checkpoints"
+# Fields that may change when a run is resumed: they do not change what a round computes.
+RESUMABLE_FIELDS = ("num_rounds", "eval_every", "checkpoint_every", "checkpoints_to_keep")
 
 
 def _jsonable(value):
@@ -38,8 +43,20 @@ def atomic_write_json(path: Path, obj) -> None:
   os.replace(tmp, path)
 
 
-def prepare_workdir(workdir: str, overwrite: bool) -> Path:
-  """Creates the workdir; refuses one that holds another run's results unless `overwrite`."""
+def config_differences(old: dict, new: dict) -> list[str]:
+  """'field: old -> new' for every field that differs, except RESUMABLE_FIELDS."""
+  fields = sorted((set(old) | set(new)) - set(RESUMABLE_FIELDS))
+  return [f"{f}: {old.get(f, '(absent)')!r} -> {new.get(f, '(absent)')!r}"
+          for f in fields if old.get(f) != new.get(f)]
+
+
+def prepare_workdir(workdir: str, config: dict, overwrite: bool) -> tuple[Path, bool]:
+  """Creates or checks the workdir; returns (path, whether an earlier run is to be resumed).
+
+  A workdir holding a run of the same config (RESUMABLE_FIELDS aside) is resumed;
+  one holding a different run is refused with the differing fields, unless
+  `overwrite`, which deletes the earlier run's files and checkpoints.
+  """
   path = Path(workdir).expanduser()
   try:
     path.mkdir(parents=True, exist_ok=True)
@@ -47,14 +64,51 @@ def prepare_workdir(workdir: str, overwrite: bool) -> Path:
     probe.write_text("")
     probe.unlink()
   except OSError as e:
-    raise UserError(f"--workdir {workdir}: cannot write there ({e.strerror})") from None
-  existing = [name for name in RUN_FILES if (path / name).exists()]
-  if existing and not overwrite:
-    raise UserError(f"--workdir {workdir} already holds a run ({', '.join(existing)}); "
+    raise UserError(f"--workdir {workdir}: cannot write there ({e.strerror or e})") from None
+  existing = [name for name in RUN_FILES + (CHECKPOINT_DIR,) if (path / name).exists()]
+  if existing and overwrite:
+    for name in existing:
+      if (path / name).is_dir():
+        shutil.rmtree(path / name)
+      else:
+        (path / name).unlink()
+    return path, False
+  if not existing:
+    return path, False
+  if not (path / "config.json").exists():
+    raise UserError(f"--workdir {workdir} holds run files ({', '.join(existing)}) but no "
+                    "config.json, so it cannot be resumed; choose another workdir, or pass "
+                    "--overwrite to replace them")
+  try:
+    old = json.loads((path / "config.json").read_text())
+  except (OSError, ValueError) as e:
+    raise UserError(f"--workdir {workdir}: config.json is unreadable ({e}); choose another "
+                    "workdir, or pass --overwrite to replace the run") from None
+  diff = config_differences(old, config)
+  if diff:
+    raise UserError(f"--workdir {workdir} holds a run with a different config ({'; '.join(diff)}); "
                     "choose another workdir, or pass --overwrite to replace it")
-  for name in existing:
-    (path / name).unlink()
-  return path
+  return path, True
+
+
+def read_metrics(path: Path, up_to_round: int) -> list[dict]:
+  """The metrics lines of rounds <= up_to_round, rewriting the file (atomically) to hold
+  just those: after a resume every round appears once, in order. A torn last line
+  (a kill mid-write) is dropped."""
+  file = path / "metrics.jsonl"
+  records = []
+  if file.exists():
+    for line in file.read_text().splitlines():
+      try:
+        record = json.loads(line)
+      except ValueError:
+        continue
+      if record.get("round", 0) <= up_to_round:
+        records.append(record)
+  tmp = file.with_name(".metrics.jsonl.tmp")
+  tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+  os.replace(tmp, file)
+  return records
 
 
 class MetricsWriter:

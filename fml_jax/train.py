@@ -9,6 +9,7 @@ and writes what it measured.
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 
@@ -16,10 +17,12 @@ import jax
 import numpy as np
 from absl import logging
 
-from fml_jax import config_checks, evaluation, outputs
+from fml_jax import config_checks, evaluation, outputs, preflight
+from fml_jax.checkpoints import Checkpointer
 from fml_jax.algorithms import build_algorithm
 from fml_jax.data import FederatedData, load_federated_data
 from fml_jax.engine import Engine, RoundState
+from fml_jax.errors import UserError
 
 
 def count_params(tree) -> int:
@@ -55,51 +58,100 @@ def log_round(record: dict, num_rounds: int) -> None:
       _fmt(record["local_test_acc_max"]), _fmt(record["train_loss"]), record["round_seconds"])
 
 
+class DivergenceError(UserError):
+  """Training produced NaN or inf; the run stopped and kept its last good checkpoint."""
+
+
+def _check_finite(report, r: int, config, checkpointer) -> None:
+  if bool(report.all_finite):   # one scalar fetched per round
+    return
+  finite = np.asarray(report.client_finite)
+  bad = np.asarray(report.cohort)[~finite].tolist()
+  where = (f"on clients {bad} (of the {len(finite)} sampled)" if bad
+           else "in the aggregated server state")
+  steps = checkpointer.steps() if checkpointer else []
+  kept = (f"the last good checkpoint (round {steps[-1]}) is kept in {checkpointer.directory}"
+          if steps else "no checkpoint was saved before it")
+  raise DivergenceError(
+      f"round {r}: {config.algorithm} diverged: non-finite loss, parameters or optimizer state "
+      f"{where}; {kept}. Lower learning_rate (now {config.learning_rate}) or check the data")
+
+
 def run(config, workdir: str, overwrite: bool = False) -> dict:
-  """Runs the experiment described by `config`; returns (and writes) its summary."""
+  """Runs the experiment described by `config`, or resumes it from its workdir;
+  returns (and writes) its summary."""
   config_checks.validate(config)
-  path = outputs.prepare_workdir(workdir, overwrite)
+  config_dict = json.loads(json.dumps(config.to_dict()))
+  path, resuming = outputs.prepare_workdir(workdir, config_dict, overwrite)
+  if resuming and (path / "summary.json").exists():
+    summary = json.loads((path / "summary.json").read_text())
+    if summary.get("num_rounds") == config.num_rounds:
+      logging.info("the run in %s is already complete (%d rounds); nothing to do", path,
+                    config.num_rounds)
+      return summary
   start = time.perf_counter()
   data = load_federated_data(config)
   algorithm = build_algorithm(config, data.num_classes, data.input_shape)
   engine = Engine(algorithm, data, config.clients_per_round, config.aggregation, config.strategy)
-  state = engine.init(config.seed)
+  abstract_state = engine.abstract_state(config.seed)
+  memory = preflight.estimate_memory(engine, abstract_state)
+  preflight.check_memory(memory, preflight.available_memory())
+  checkpointer = None
+  if config.checkpoint_every > 0:
+    preflight.check_disk(path, preflight.tree_bytes(abstract_state), config.checkpoints_to_keep)
+    checkpointer = Checkpointer(path / outputs.CHECKPOINT_DIR, config.checkpoint_every,
+                                config.checkpoints_to_keep)
+  first_round = 0
+  if resuming and checkpointer:
+    first_round, state = checkpointer.restore_latest(abstract_state)
+    first_round = first_round or 0
+  if not first_round:
+    state = engine.init(config.seed)
+  records = outputs.read_metrics(path, first_round) if resuming else []
+  if (path / "summary.json").exists():
+    (path / "summary.json").unlink()   # the run is being extended: no longer complete
   logging.info(
       "%s on %s: %d clients (%d per round), %d train / %d test examples, client sizes %d-%d; "
-      "strategy %s on %s, aggregation %s", config.algorithm, config.dataset, data.num_clients,
-      config.clients_per_round, data.x_train.shape[0], data.x_test.shape[0],
+      "strategy %s on %s, aggregation %s; memory: %s%s", config.algorithm, config.dataset,
+      data.num_clients, config.clients_per_round, data.x_train.shape[0], data.x_test.shape[0],
       int(data.train_n.min()), int(data.train_n.max()), engine.strategy, jax.default_backend(),
-      engine.aggregation)
-  outputs.atomic_write_json(path / "config.json", config.to_dict())
+      engine.aggregation, memory.describe(),
+      f"; resuming after round {first_round}" if first_round else "")
+  outputs.atomic_write_json(path / "config.json", config_dict)
   writer = outputs.MetricsWriter(path / "metrics.jsonl")
-  round_seconds, records = [], []
+  round_seconds = []
   try:
-    for r in range(1, config.num_rounds + 1):
+    for r in range(first_round + 1, config.num_rounds + 1):
       t0 = time.perf_counter()
-      state, train_metrics = engine.run_round(state)
-      jax.block_until_ready((state, train_metrics))
+      state, report = engine.run_round(state)
+      _check_finite(report, r, config, checkpointer)   # waits for the round to finish
       round_seconds.append(time.perf_counter() - t0)
-      if r % config.eval_every and r != config.num_rounds:
-        continue
-      record = {"round": r, **evaluate(engine, state, data),
-                **{k: float(v) for k, v in train_metrics.items()},
-                "round_seconds": round_seconds[-1],
-                "elapsed_seconds": time.perf_counter() - start}
-      writer.write(record)
-      log_round(record, config.num_rounds)
-      records.append(record)
+      if r % config.eval_every == 0 or r == config.num_rounds:
+        record = {"round": r, **evaluate(engine, state, data),
+                  **{k: float(v) for k, v in report.metrics.items()},
+                  "round_seconds": round_seconds[-1],
+                  "elapsed_seconds": time.perf_counter() - start}
+        writer.write(record)
+        log_round(record, config.num_rounds)
+        records.append(record)
+      if checkpointer and checkpointer.should_save(r, config.num_rounds):
+        checkpointer.save(r, state)
   finally:
     writer.close()
-  steady = round_seconds[1:] or round_seconds
+    if checkpointer:
+      checkpointer.close()
+  steady = round_seconds[1:] or round_seconds or [float("nan")]
   global_model = algorithm.global_model(state.server)
   summary = {
       "final": records[-1],
       "best_global_test_acc": _best(records, "global_test_acc"),
       "best_local_test_acc_mean": _best(records, "local_test_acc_mean"),
       "num_rounds": config.num_rounds,
-      "first_round_seconds": round_seconds[0],   # includes compilation
+      "resumed_after_round": first_round,
+      "first_round_seconds": round_seconds[0] if round_seconds else None,  # includes compiling
       "median_round_seconds": statistics.median(steady),
       "total_seconds": time.perf_counter() - start,
+      "memory_estimate_bytes": memory.total,
       "strategy": engine.strategy,
       "aggregation": engine.aggregation,
       "backend": jax.default_backend(),

@@ -38,8 +38,9 @@ def run_rounds(config, strategy, rounds):
   state = engine.init(config.seed)
   history = []
   for _ in range(rounds):
-    state, metrics = engine.run_round(state)
-    history.append(jax.device_get(metrics))
+    state, report = engine.run_round(state)
+    assert bool(report.all_finite)
+    history.append(jax.device_get(report.metrics))
   return jax.device_get(state), history
 
 

@@ -54,4 +54,6 @@ def get_config() -> ml_collections.ConfigDict:
   # Execution and reporting.
   c.strategy = "auto"             # auto | vmap | sequential
   c.eval_every = 1                # evaluate (and write a metrics line) every N rounds
+  c.checkpoint_every = 10         # save the round state every N rounds (and at the end); 0: never
+  c.checkpoints_to_keep = 2
   return c

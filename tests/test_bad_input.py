@@ -1,0 +1,81 @@
+"""Bad settings through the real command line: each exits non-zero, before training, with
+one readable line naming the setting, and no traceback."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, SHARED_TFDS
+
+MNIST = ["--config.dataset=mnist", "--config.partition=iid"]
+
+BAD_INPUTS = [
+    # (id, arguments, text the error line must contain)
+    ("alpha_out_of_range", ["--config.alpha=1.5"], "config.alpha"),
+    ("beta_negative", ["--config.beta=-0.1"], "config.beta"),
+    ("alpha_not_a_number", ["--config.alpha=abc"], "config.alpha"),
+    ("num_clients_not_an_int", ["--config.num_clients=2.5"], "config.num_clients"),
+    ("num_clients_zero", ["--config.num_clients=0"], "config.num_clients"),
+    ("cohort_larger_than_population", ["--config.clients_per_round=31"], "config.clients_per_round"),
+    ("cohort_empty", ["--config.clients_per_round=0"], "config.clients_per_round"),
+    ("no_rounds", ["--config.num_rounds=0"], "config.num_rounds"),
+    ("negative_epochs", ["--config.local_epochs=-1"], "config.local_epochs"),
+    ("batch_size_zero", ["--config.batch_size=0"], "config.batch_size"),
+    ("learning_rate_zero", ["--config.learning_rate=0"], "config.learning_rate"),
+    ("momentum_one", ["--config.momentum=1.0"], "config.momentum"),
+    ("weight_decay_negative", ["--config.weight_decay=-1"], "config.weight_decay"),
+    ("temperature_zero", ["--config.temperature=0"], "config.temperature"),
+    ("prox_mu_negative", ["--config.prox_mu=-1"], "config.prox_mu"),
+    ("eval_every_zero", ["--config.eval_every=0"], "config.eval_every"),
+    ("seed_negative", ["--config.seed=-1"], "config.seed"),
+    ("checkpoint_every_negative", ["--config.checkpoint_every=-1"], "config.checkpoint_every"),
+    ("unknown_algorithm", ["--config.algorithm=fedsgd"], "config.algorithm"),
+    ("unknown_model", ["--config.model=resnet"], "config.model"),
+    ("unknown_local_model", ["--config.local_model=vgg"], "config.local_model"),
+    ("unknown_optimizer", ["--config.optimizer=rmsprop"], "config.optimizer"),
+    ("unknown_strategy", ["--config.strategy=pmap"], "config.strategy"),
+    ("unknown_aggregation", ["--config.aggregation=median"], "config.aggregation"),
+    ("unknown_fedmr_granularity", ["--config.fedmr_granularity=row"], "config.fedmr_granularity"),
+    ("unknown_field", ["--config.nosuchfield=1"], "nosuchfield"),
+    ("missing_config_file", ["--config=fml_jax/configs/nosuch.py"], "--config"),
+    ("synthetic_with_iid", ["--config.partition=iid"], "config.partition"),
+    ("mnist_with_natural", ["--config.dataset=mnist"], "config.partition"),
+    ("dirichlet_alpha_zero", MNIST[:1] + ["--config.partition=dirichlet",
+                                          "--config.dirichlet_alpha=0"], "config.dirichlet_alpha"),
+    ("model_does_not_fit_input", ["--config.model=cnn"], "config.model"),
+    ("unknown_dataset", ["--config.dataset=no_such_dataset_xyz", "--config.partition=iid"],
+     "config.dataset"),
+    ("missing_data_dir", MNIST + ["--config.data_dir=/nonexistent/tfds"], "config.data_dir"),
+    ("too_many_shards", MNIST[:1] + ["--config.partition=shards", "--config.num_clients=40000",
+                                     "--config.shards_per_client=2"], "config.shards_per_client"),
+    ("impossible_dirichlet", MNIST[:1] + ["--config.partition=dirichlet",
+                                          "--config.num_clients=6000",
+                                          "--config.dirichlet_min_examples=20"],
+     "config.dirichlet_min_examples"),
+    ("iid_more_clients_than_examples", MNIST + ["--config.num_clients=70000"],
+     "config.num_clients"),
+    ("unwritable_workdir", ["--workdir=/proc/fml_jax_cannot_write_here"], "--workdir"),
+]
+
+
+@pytest.mark.parametrize("args,expected", [(a, e) for _, a, e in BAD_INPUTS],
+                         ids=[i for i, _, _ in BAD_INPUTS])
+def test_bad_input_exits_with_one_line(tmp_path, args, expected):
+  workdir = tmp_path / "run"
+  if not any(a.startswith("--workdir") for a in args):
+    args = [f"--workdir={workdir}"] + args
+  proc = subprocess.run([sys.executable, "-m", "fml_jax.main", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, TFDS_DATA_DIR=SHARED_TFDS))
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("fml_jax: error:")]
+  assert len(errors) == 1, proc.stderr[-2000:]
+  assert expected in errors[0]
+  assert not (workdir / "metrics.jsonl").exists()
+
+
+def test_the_table_is_large_enough():
+  assert len(BAD_INPUTS) >= 25
