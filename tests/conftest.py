@@ -3,6 +3,7 @@
 import os
 from pathlib import Path
 
+import jax
 import pytest
 
 from fml_jax.configs import default
@@ -10,6 +11,17 @@ from fml_jax.configs import default
 REPO = Path(__file__).resolve().parents[1]
 # CI sets TFDS_DATA_DIR=../shared/tfds; fall back to that location for local runs.
 SHARED_TFDS = os.environ.get("TFDS_DATA_DIR") or str(REPO.parent / "shared" / "tfds")
+
+
+# Many tests build engines for the same shapes; XLA's persistent cache keys compiled
+# programs by their HLO, so each distinct program compiles once per test session
+# (compiling dominates these tests on a small CPU). Subprocesses share the folder.
+_CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                               str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+                                   / "fml_jax" / "jax_test_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def has_tfds_dataset(name: str) -> bool:

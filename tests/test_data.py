@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import SHARED_TFDS, requires_mnist, small_config
-from fml_jax.data import federated, partition, synthetic, tfds_source
+from fml_jax.data import federated, synthetic, tfds_source
 from fml_jax.errors import ConfigError, DataError
 
 

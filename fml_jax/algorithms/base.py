@@ -29,8 +29,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from fml_jax import losses
 from fml_jax.data import FederatedData
 from fml_jax.local_training import run_local_steps
+from fml_jax.models import apply_model
 
 
 @flax.struct.dataclass
@@ -70,6 +72,21 @@ class PersonalizedModels:
   params: Any
   per_client: bool
   client_ids: Any = None
+
+
+def supervised_step(model: nn.Module, optimizer, regularizer=None):
+  """An optimizer step on masked cross-entropy (plus `regularizer(params)` if given):
+  the local step of FedAvg, FedProx, FedMR and local-only training."""
+  def step(state, x, y, mask, key):
+    del key
+
+    def loss_fn(params):
+      loss = losses.cross_entropy(apply_model(model, params, x), y, mask)
+      return loss + regularizer(params) if regularizer is not None else loss
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    return state.apply_gradients(grads, optimizer), {"train_loss": loss}
+  return step
 
 
 @flax.struct.dataclass

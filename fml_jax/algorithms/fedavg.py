@@ -8,11 +8,10 @@ with a fresh optimizer.
 
 from __future__ import annotations
 
-import jax
-
 from fml_jax import losses
-from fml_jax.algorithms.base import Algorithm, ClientResult, PersonalizedModels, mean_over_clients
-from fml_jax.models import apply_model, build_model, init_params
+from fml_jax.algorithms.base import (Algorithm, ClientResult, PersonalizedModels,
+                                     mean_over_clients, supervised_step)
+from fml_jax.models import build_model, init_params
 from fml_jax.optimizers import TrainState, make_optimizer
 
 
@@ -31,19 +30,10 @@ class FedAvg(Algorithm):
 
   def client_update(self, server_state, client_state, client, data):
     global_params = server_state["params"]
-
-    def step(state, x, y, mask, key):
-      del key
-
-      def loss_fn(params):
-        loss = losses.cross_entropy(apply_model(self.model, params, x), y, mask)
-        if self.prox_mu:
-          loss = loss + 0.5 * self.prox_mu * losses.proximal_term(params, global_params)
-        return loss
-
-      loss, grads = jax.value_and_grad(loss_fn)(state.params)
-      return state.apply_gradients(grads, self.optimizer), {"train_loss": loss}
-
+    regularizer = None
+    if self.prox_mu:
+      regularizer = lambda p: 0.5 * self.prox_mu * losses.proximal_term(p, global_params)
+    step = supervised_step(self.model, self.optimizer, regularizer)
     state, metrics = self.train(step, TrainState.create(global_params, self.optimizer),
                                 client, data)
     return ClientResult(client_state=client_state, upload=state.params, metrics=metrics)

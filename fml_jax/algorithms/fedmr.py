@@ -30,10 +30,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fml_jax import losses
 from fml_jax.algorithms.base import (Algorithm, ClientResult, PersonalizedModels,
-                                     mean_over_clients)
-from fml_jax.models import apply_model, build_model, init_params
+                                     mean_over_clients, supervised_step)
+from fml_jax.models import build_model, init_params
 from fml_jax.optimizers import TrainState, make_optimizer
 
 GRANULARITIES = ("tensor", "layer", "block")
@@ -94,12 +93,7 @@ class FedMR(Algorithm):
     opt_state = (slot(server_state["opt_state"]) if self.keeps_optimizer_state
                  else self.optimizer.init(params))
 
-    def step(state, x, y, mask, key):
-      del key
-      loss, grads = jax.value_and_grad(
-          lambda p: losses.cross_entropy(apply_model(self.model, p, x), y, mask))(state.params)
-      return state.apply_gradients(grads, self.optimizer), {"train_loss": loss}
-
+    step = supervised_step(self.model, self.optimizer)
     state, metrics = self.train(step, TrainState(params=params, opt_state=opt_state), client,
                                 data)
     upload = {"params": state.params}

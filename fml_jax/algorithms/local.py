@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import jax
 
-from fml_jax import losses
-from fml_jax.algorithms.base import Algorithm, ClientResult, PersonalizedModels
-from fml_jax.models import apply_model, build_model, init_params
+from fml_jax.algorithms.base import Algorithm, ClientResult, PersonalizedModels, supervised_step
+from fml_jax.models import build_model, init_params
 from fml_jax.optimizers import TrainState, make_optimizer
 
 
@@ -28,12 +27,7 @@ class LocalOnly(Algorithm):
     return (), jax.vmap(init_client)(jax.random.split(key, num_clients))
 
   def client_update(self, server_state, client_state, client, data):
-    def step(state, x, y, mask, key):
-      del key
-      loss, grads = jax.value_and_grad(
-          lambda p: losses.cross_entropy(apply_model(self.model, p, x), y, mask))(state.params)
-      return state.apply_gradients(grads, self.optimizer), {"train_loss": loss}
-
+    step = supervised_step(self.model, self.optimizer)
     state, metrics = self.train(step, client_state, client, data)
     return ClientResult(client_state=state, upload=(), metrics=metrics)
 

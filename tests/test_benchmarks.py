@@ -1,0 +1,22 @@
+"""The benchmarks' quick modes run (so they do not rot) and write what they promise."""
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_round_time_quick(tmp_path):
+  out = tmp_path / "round_time.json"
+  proc = subprocess.run([sys.executable, "benchmarks/round_time.py", "--quick", f"--out={out}"],
+                        cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "| default (synthetic" in proc.stdout
+  result = json.loads(out.read_text())
+  [workload] = result["workloads"].values()
+  for strategy in ("sequential", "vmap"):
+    assert workload[strategy]["median_round_s"] > 0
+    assert workload[strategy]["first_round_s"] >= workload[strategy]["median_round_s"]
+    assert workload[strategy]["rounds_timed"] == 3
+  assert result["machine"]["backend"] == "cpu"
