@@ -47,7 +47,9 @@ class Checkpointer:
     A checkpoint that cannot be read (corrupted, truncated, from other code) is
     skipped with a warning in favour of the one before it.
     """
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like)
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+        like)
     for step in reversed(self.steps()):
       try:
         return step, self._manager.restore(step, args=ocp.args.StandardRestore(abstract))

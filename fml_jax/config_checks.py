@@ -24,7 +24,8 @@ REQUIRED_FIELDS = (
     "shards_per_client", "seed", "strategy", "eval_every", "synthetic_alpha",
     "synthetic_beta", "synthetic_test_fraction", "synthetic_max_client_examples",
     "fedmr_first_stage_rounds", "fedmr_granularity", "fedmr_block_fraction",
-    "fedmr_optimizer_state", "checkpoint_every", "checkpoints_to_keep")
+    "fedmr_optimizer_state", "checkpoint_every", "checkpoints_to_keep", "chunk_size",
+    "mesh_shape")
 
 
 def _choice(config, field: str, allowed) -> None:
@@ -77,6 +78,8 @@ def validate(config) -> None:
   _number(config, "seed", 0, 2**31 - 1, integer=True)
   _number(config, "checkpoint_every", 0, integer=True)
   _number(config, "checkpoints_to_keep", 1, integer=True)
+  _number(config, "chunk_size", 1, integer=True)
+  _number(config, "mesh_shape", 0, integer=True)
   _number(config, "dirichlet_min_examples", 0, integer=True)
   _number(config, "synthetic_max_client_examples", 0, integer=True)
   if 0 < config.synthetic_max_client_examples < 2:

@@ -13,6 +13,8 @@ How the client updates execute is the *strategy* (FedJAX's `for_each_client`):
   vmap        the whole round is one jitted function: the client update is
               vmapped over the cohort (it scans over local steps inside), the
               round state's buffers are donated. The fast path on GPU/TPU.
+  chunked     the same jitted round, but `lax.map` over chunks of `chunk_size`
+              clients, each chunk vmapped: bounds activation memory for big cohorts.
   sequential  a Python loop over clients of the jitted single-client update,
               with jitted begin/finish. The plain reference the vmap path is
               tested against, and the faster choice on a small CPU.
@@ -22,17 +24,19 @@ How the client updates execute is the *strategy* (FedJAX's `for_each_client`):
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fml_jax.algorithms.base import Algorithm, ClientInfo, ClientResult, RoundContext
 from fml_jax.data import FederatedData
 from fml_jax.errors import ConfigError
 
-STRATEGIES = ("auto", "vmap", "sequential")
+STRATEGIES = ("auto", "vmap", "chunked", "sequential")
 AGGREGATIONS = ("auto", "uniform", "weighted")
 
 
@@ -67,6 +71,35 @@ class Cohort:
   client_state: Any       # their population slices
 
 
+def client_mesh(num_devices: int) -> Optional[Mesh]:
+  """A 1-D mesh named 'clients' over the first `num_devices` devices (0: all of them);
+  None for a single device (nothing to shard)."""
+  devices = jax.devices()
+  if num_devices < 0 or num_devices > len(devices):
+    raise ConfigError("mesh_shape", f"{num_devices} devices asked for, {len(devices)} available "
+                      f"({devices[0].platform}); use 0 for all of them")
+  n = num_devices or len(devices)
+  return Mesh(np.array(devices[:n]), ("clients",)) if n > 1 else None
+
+
+def map_over_clients(fn, shared: tuple, per_client: tuple, chunk_size: int = 0):
+  """fn(*shared, *one_client) for every client along the leading axis of `per_client`:
+  one vmap, or (chunk_size > 0) a `lax.map` over vmapped chunks of that many clients.
+  A last partial chunk is padded with copies of the first client and the copies dropped."""
+  def one(*clients):
+    return fn(*shared, *clients)
+  k = jax.tree.leaves(per_client)[0].shape[0]
+  if not chunk_size or chunk_size >= k:
+    return jax.vmap(one)(*per_client)
+  num_chunks = -(-k // chunk_size)
+  pad = num_chunks * chunk_size - k
+  chunks = jax.tree.map(
+      lambda x: jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)]).reshape(
+          num_chunks, chunk_size, *x.shape[1:]), per_client)
+  out = jax.lax.map(lambda c: jax.vmap(one)(*c), chunks)
+  return jax.tree.map(lambda x: x.reshape(num_chunks * chunk_size, *x.shape[2:])[:k], out)
+
+
 def resolve_strategy(strategy: str) -> str:
   if strategy not in STRATEGIES:
     raise ConfigError("strategy", f"unknown strategy '{strategy}'; choose one of "
@@ -80,7 +113,8 @@ class Engine:
   """Runs rounds of `algorithm` on `data` with the chosen execution strategy."""
 
   def __init__(self, algorithm: Algorithm, data: FederatedData, clients_per_round: int,
-               aggregation: str = "auto", strategy: str = "auto"):
+               aggregation: str = "auto", strategy: str = "auto", chunk_size: int = 0,
+               mesh: Optional[Mesh] = None):
     if aggregation not in AGGREGATIONS:
       raise ConfigError("aggregation", f"unknown aggregation '{aggregation}'; choose one of "
                         f"{', '.join(AGGREGATIONS)}")
@@ -92,6 +126,18 @@ class Engine:
     self.clients_per_round = clients_per_round
     self.aggregation = algorithm.default_aggregation if aggregation == "auto" else aggregation
     self.strategy = resolve_strategy(strategy)
+    self.chunk_size = chunk_size if self.strategy == "chunked" else 0
+    if self.strategy == "chunked" and chunk_size < 1:
+      raise ConfigError("chunk_size", f"strategy 'chunked' needs chunk_size >= 1, got {chunk_size}")
+    self.mesh = mesh
+    if mesh is not None:
+      n = mesh.size
+      for field, value in (("num_clients", data.num_clients),
+                           ("clients_per_round", clients_per_round)):
+        if value % n:
+          raise ConfigError("mesh_shape", f"the client axis is sharded over {n} devices, so "
+                            f"{field} must be a multiple of {n}; it is {value}")
+      self.data = jax.device_put(data, NamedSharding(mesh, P()))
     # Jitted: initializing thousands of stacked client models eagerly is slow.
     self._init = jax.jit(algorithm.init, static_argnums=1)
     self._begin = jax.jit(self.begin_round)
@@ -104,7 +150,7 @@ class Engine:
     `jax.ShapeDtypeStruct`s) and returns XLA's memory analysis of it, in bytes:
     {"temp": scratch memory, "output": new buffers, "alias": outputs written in place}.
     Later rounds run the compiled executable, so nothing is compiled twice."""
-    if self.strategy == "vmap":
+    if self.strategy != "sequential":
       compiled = self._vmap_round.lower(state_like, self.data).compile()
       self._vmap_round = compiled
     else:
@@ -120,10 +166,33 @@ class Engine:
             "alias": int(stats.alias_size_in_bytes)}
 
   def abstract_state(self, seed: int = 0) -> RoundState:
-    """The shapes and dtypes of `init(seed)`, without allocating anything."""
-    return jax.eval_shape(lambda: self.init(seed))
+    """The shapes, dtypes (and shardings) of `init(seed)`, without allocating anything."""
+    shapes = jax.eval_shape(lambda: self._unplaced_init(seed))
+    if self.mesh is None:
+      return shapes
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
+                        self.state_shardings(shapes))
+
+  def state_shardings(self, state):
+    """Where each leaf of a round state lives: the population split along its client
+    axis over the mesh, everything else replicated; None without a mesh."""
+    if self.mesh is None:
+      return None
+    clients, replicated = NamedSharding(self.mesh, P("clients")), NamedSharding(self.mesh, P())
+    return state.replace(round=replicated, key=replicated,
+                         server=jax.tree.map(lambda _: replicated, state.server),
+                         population=jax.tree.map(lambda _: clients, state.population))
+
+  def place(self, state: RoundState) -> RoundState:
+    """Puts a state (fresh, or restored from a checkpoint) where the engine expects it."""
+    if self.mesh is None:
+      return state
+    return jax.device_put(state, self.state_shardings(state))
 
   def init(self, seed: int) -> RoundState:
+    return self.place(self._unplaced_init(seed))
+
+  def _unplaced_init(self, seed: int) -> RoundState:
     # Raw uint32 keys (not typed keys) so the state stays plain arrays for checkpoints.
     init_key, rounds_key = jax.random.split(jax.random.PRNGKey(seed))
     server, population = self._init(init_key, self.data.num_clients)
@@ -165,10 +234,18 @@ class Engine:
     return state.replace(round=state.round + 1, server=server, population=population), report
 
   def vmap_round(self, state: RoundState, data: FederatedData) -> tuple[RoundState, RoundReport]:
-    cohort = self.begin_round(state, data)
-    results = jax.vmap(self.algorithm.client_update, in_axes=(None, 0, 0, None))(
-        state.server, cohort.client_state, cohort.clients, data)
-    return self.finish_round(state, cohort, results)
+    cohort = self.shard_clients(self.begin_round(state, data))
+    results = map_over_clients(
+        lambda server, client_state, client: self.algorithm.client_update(
+            server, client_state, client, data),
+        (state.server,), (cohort.client_state, cohort.clients), self.chunk_size)
+    return self.finish_round(state, cohort, self.shard_clients(results))
+
+  def shard_clients(self, tree):
+    """Inside the jitted round: lay a cohort-shaped tree out along the mesh's client axis."""
+    if self.mesh is None:
+      return tree
+    return jax.lax.with_sharding_constraint(tree, NamedSharding(self.mesh, P("clients")))
 
   # --- strategies ----------------------------------------------------------------------
 
@@ -184,6 +261,6 @@ class Engine:
 
   def run_round(self, state: RoundState) -> tuple[RoundState, RoundReport]:
     """One round; the input state's buffers are donated (do not reuse `state`)."""
-    if self.strategy == "vmap":
-      return self._vmap_round(state, self.data)
-    return self.sequential_round(state)
+    if self.strategy == "sequential":
+      return self.sequential_round(state)
+    return self._vmap_round(state, self.data)

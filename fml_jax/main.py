@@ -42,6 +42,9 @@ except Exception as e:  # pylint: disable=broad-except  (any failure here is the
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for config.json, metrics.jsonl and "
                                "summary.json.", required=True)
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Multi-host: call "
+                                  "jax.distributed.initialize() first (on every host; settings "
+                                  "from the cluster environment, e.g. a TPU pod or SLURM).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the results of an earlier run in "
                                "--workdir instead of refusing to start.")
 
@@ -70,6 +73,9 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   std_logging.getLogger("jax").setLevel(std_logging.WARNING)  # backend probing noise
   logging.get_absl_handler().addFilter(_OnlyWarningsFromLibraries())
+  if _DISTRIBUTED.value:
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.distributed.initialize()
   from fml_jax import train  # pylint: disable=g-import-not-at-top  (after flags: faster --help)
   try:
     config = _CONFIG.value

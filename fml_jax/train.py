@@ -21,7 +21,7 @@ from fml_jax import config_checks, evaluation, outputs, preflight
 from fml_jax.checkpoints import Checkpointer
 from fml_jax.algorithms import build_algorithm
 from fml_jax.data import FederatedData, load_federated_data
-from fml_jax.engine import Engine, RoundState
+from fml_jax.engine import Engine, RoundState, client_mesh
 from fml_jax.errors import UserError
 
 
@@ -92,7 +92,9 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
   start = time.perf_counter()
   data = load_federated_data(config)
   algorithm = build_algorithm(config, data.num_classes, data.input_shape)
-  engine = Engine(algorithm, data, config.clients_per_round, config.aggregation, config.strategy)
+  engine = Engine(algorithm, data, config.clients_per_round, config.aggregation, config.strategy,
+                  chunk_size=config.chunk_size, mesh=client_mesh(config.mesh_shape))
+  data = engine.data   # replicated over the mesh, if there is one
   abstract_state = engine.abstract_state(config.seed)
   memory = preflight.estimate_memory(engine, abstract_state)
   preflight.check_memory(memory, preflight.available_memory())
@@ -105,6 +107,8 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
   if resuming and checkpointer:
     first_round, state = checkpointer.restore_latest(abstract_state)
     first_round = first_round or 0
+    if first_round:
+      state = engine.place(state)
   if not first_round:
     state = engine.init(config.seed)
   records = outputs.read_metrics(path, first_round) if resuming else []
@@ -156,6 +160,7 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
       "aggregation": engine.aggregation,
       "backend": jax.default_backend(),
       "devices": [str(d) for d in jax.devices()],
+      "mesh_devices": engine.mesh.size if engine.mesh is not None else 1,
       "jax_version": jax.__version__,
       "global_model_params": count_params(global_model[1]) if global_model else 0,
   }

@@ -48,13 +48,14 @@ def test_default_command_runs_and_learns(tmp_path):
   assert "round 30/30" in proc.stderr   # a log line per evaluated round
 
 
-def test_workdir_with_a_run_is_refused_unless_overwrite(tmp_path):
-  cfg = small_config(num_rounds=1)
-  train.run(cfg, str(tmp_path))
-  with pytest.raises(Exception, match="already holds a run"):
-    train.run(cfg, str(tmp_path))
-  summary = train.run(cfg, str(tmp_path), overwrite=True)
-  assert len(read_metrics(tmp_path)) == 1 and summary["num_rounds"] == 1
+def test_overwrite_replaces_a_different_run(tmp_path):
+  train.run(small_config(num_rounds=2), str(tmp_path))
+  with pytest.raises(Exception, match="holds a run with a different config"):
+    train.run(small_config(num_rounds=1, alpha=0.2), str(tmp_path))
+  summary = train.run(small_config(num_rounds=1, alpha=0.2), str(tmp_path), overwrite=True)
+  assert summary["num_rounds"] == 1 and summary["resumed_after_round"] == 0
+  assert [m["round"] for m in read_metrics(tmp_path)] == [1]
+  assert json.load(open(tmp_path / "config.json"))["alpha"] == 0.2
 
 
 def test_same_seed_gives_identical_metrics(tmp_path):

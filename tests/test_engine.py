@@ -29,7 +29,7 @@ def make_engine(config, strategy):
     data = load_federated_data(config)
     algorithm = build_algorithm(config, data.num_classes, data.input_shape)
     _ENGINES[key] = Engine(algorithm, data, config.clients_per_round, config.aggregation,
-                           strategy)
+                           strategy, chunk_size=config.chunk_size)
   return _ENGINES[key]
 
 

@@ -52,7 +52,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.fedmr_block_fraction = 0.25   # FedMR, block granularity: share of the layers per block
   c.fedmr_optimizer_state = "reset"  # FedMR: reset | keep | recombine (moves with its layers)
   # Execution and reporting.
-  c.strategy = "auto"             # auto | vmap | sequential
+  c.strategy = "auto"             # auto | vmap | chunked | sequential
+  c.chunk_size = 16               # chunked: clients vmapped at once (lax.map over the chunks)
+  c.mesh_shape = 1                # devices the client axis is sharded over (0: all devices)
   c.eval_every = 1                # evaluate (and write a metrics line) every N rounds
   c.checkpoint_every = 10         # save the round state every N rounds (and at the end); 0: never
   c.checkpoints_to_keep = 2
