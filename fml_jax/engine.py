@@ -130,6 +130,7 @@ class Engine:
     if self.strategy == "chunked" and chunk_size < 1:
       raise ConfigError("chunk_size", f"strategy 'chunked' needs chunk_size >= 1, got {chunk_size}")
     self.mesh = mesh
+    self.compiled_flops = 0.0   # set by compile()
     if mesh is not None:
       n = mesh.size
       for field, value in (("num_clients", data.num_clients),
@@ -159,6 +160,10 @@ class Engine:
       compiled = self._client_update.lower(state_like.server, one.client_state, one.clients,
                                            self.data).compile()
       self._client_update = compiled
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    # FLOPs of one compiled call: the whole round (vmap/chunked) or one client (sequential).
+    self.compiled_flops = float((cost or {}).get("flops", 0.0))
     stats = compiled.memory_analysis()
     if stats is None:   # some backends do not report it
       return {"temp": 0, "output": 0, "alias": 0}

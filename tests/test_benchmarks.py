@@ -20,3 +20,18 @@ def test_round_time_quick(tmp_path):
     assert workload[strategy]["first_round_s"] >= workload[strategy]["median_round_s"]
     assert workload[strategy]["rounds_timed"] == 3
   assert result["machine"]["backend"] == "cpu"
+
+
+def test_client_scaling_quick(tmp_path):
+  out = tmp_path / "scaling"
+  proc = subprocess.run([sys.executable, "benchmarks/client_scaling.py", "--quick",
+                         f"--out={out}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  result = json.loads(out.with_suffix(".json").read_text())
+  row = result["results"]["mlp"]["8"]
+  for strategy in ("sequential", "vmap", "chunked"):
+    assert row[strategy]["client_steps_per_s"] > 0
+    assert row[strategy]["gflops"] > 0 and row[strategy]["memory_bytes"] > 0
+  assert result["machine"]["matmul_peak_gflops"] > 0
+  table = out.with_suffix(".md").read_text()
+  assert "| mlp | 8 | vmap |" in table and "pytorch loop" in table

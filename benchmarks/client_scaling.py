@@ -1,0 +1,267 @@
+r"""Client-count scaling of one FML step per client: every strategy, side by side with
+the peers' way (a PyTorch loop over clients), in the same run.
+
+  python benchmarks/client_scaling.py                 # mlp and cnn, cohorts 1 .. 4096
+  python benchmarks/client_scaling.py --quick         # mlp, cohort 8 only (CI smoke test)
+  python benchmarks/client_scaling.py --models=mlp --cohorts=1,64,4096,32768
+
+What is timed: a federated round in which each of `cohort` clients takes exactly one
+FML step (meme and local model, batch 32, MNIST-shaped inputs): sampling, gathering,
+the step, scattering and averaging, as `Engine.run_round` does it. The PyTorch
+reference runs the same FML step (same architectures, losses and SGD settings) in
+a Python loop over clients, forking the meme from the global model each time, as
+the official FML code and PFLlib do; its throughput does not depend on the cohort,
+so it is measured on min(cohort, --torch_clients) clients. Reported: client-steps/s,
+examples/s, achieved GFLOP/s (XLA's cost analysis of the compiled round) and its
+share of a float32 matmul peak measured in the same run, XLA's memory estimate for
+the round, and each strategy's speed relative to the PyTorch loop. Sizes whose
+memory estimate does not fit are skipped with a message. Writes JSON, a markdown
+table and (with matplotlib) a log-log plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+
+from fml_jax import preflight  # pylint: disable=g-import-not-at-top
+from fml_jax.algorithms import build_algorithm  # pylint: disable=g-import-not-at-top
+from fml_jax.configs import default  # pylint: disable=g-import-not-at-top
+from fml_jax.data import from_client_lists  # pylint: disable=g-import-not-at-top
+from fml_jax.engine import Engine  # pylint: disable=g-import-not-at-top
+
+BATCH = 32
+INPUT_SHAPE = (28, 28, 1)
+STRATEGIES = ("sequential", "vmap", "chunked")
+
+
+def fml_config(model: str, cohort: int, chunk_size: int):
+  c = default.get_config()
+  c.update(algorithm="fml", model=model, local_model="", num_clients=cohort,
+           clients_per_round=cohort, local_epochs=1, batch_size=BATCH, optimizer="sgd",
+           learning_rate=0.01, momentum=0.9, weight_decay=5e-4, chunk_size=chunk_size)
+  return c
+
+
+def one_step_data(cohort: int, seed: int = 0):
+  """MNIST-shaped random data, exactly one batch per client (so one step each)."""
+  rng = np.random.default_rng(seed)
+  x = rng.integers(0, 256, (cohort * BATCH, *INPUT_SHAPE), dtype=np.uint8)
+  y = rng.integers(0, 10, cohort * BATCH).astype(np.int32)
+  parts = [np.arange(i * BATCH, (i + 1) * BATCH) for i in range(cohort)]
+  return from_client_lists(x, y, x[:BATCH], y[:BATCH], parts, [np.arange(BATCH)] * cohort, 10)
+
+
+def matmul_peak_gflops(n: int = 4096, reps: int = 5) -> float:
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  f(a).block_until_ready()
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    f(a).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def measure_jax(model: str, cohort: int, strategy: str, reps: int, chunk_size: int) -> dict:
+  config = fml_config(model, cohort, min(chunk_size, cohort))
+  data = one_step_data(cohort)
+  engine = Engine(build_algorithm(config, 10, INPUT_SHAPE), data, cohort, "uniform", strategy,
+                  chunk_size=config.chunk_size)
+  abstract = engine.abstract_state(0)
+  estimate = preflight.estimate_memory(engine, abstract)
+  available = preflight.available_memory()
+  if available is not None and estimate.total > preflight.HEADROOM * available:
+    return {"skipped": f"needs {preflight.gib(estimate.total)}, {preflight.gib(available)} free"}
+  flops = engine.compiled_flops * (cohort if strategy == "sequential" else 1)
+  state = engine.init(0)
+  state, report = engine.run_round(state)   # warm-up (compiled already; first-run effects)
+  jax.block_until_ready(report)
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    state, report = engine.run_round(state)
+    jax.block_until_ready((state, report))
+    times.append(time.perf_counter() - t0)
+  t = statistics.median(times)
+  return {"round_s": t, "client_steps_per_s": cohort / t, "examples_per_s": cohort * BATCH / t,
+          "gflops": flops / t / 1e9 if flops else None, "memory_bytes": estimate.total}
+
+
+def measure_torch(model: str, cohort: int, max_clients: int, reps: int):
+  """The peers' way: a Python loop over clients of the same FML step in PyTorch."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  torch.set_num_threads(os.cpu_count() or 1)
+  nn = torch.nn
+
+  def make():
+    if model == "mlp":
+      return nn.Sequential(nn.Flatten(), nn.Linear(784, 200), nn.ReLU(), nn.Linear(200, 200),
+                           nn.ReLU(), nn.Linear(200, 10))
+    return nn.Sequential(nn.Conv2d(1, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(3136, 512), nn.ReLU(), nn.Linear(512, 10))
+
+  n = min(cohort, max_clients)
+  global_model = make()
+  locals_ = [make() for _ in range(n)]
+  local_opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+                for m in locals_]
+  meme = make()
+  kl = nn.KLDivLoss(reduction="batchmean")
+  x = torch.rand(BATCH, 1, 28, 28)
+  y = torch.randint(0, 10, (BATCH,))
+
+  def one_round():
+    for local, local_opt in zip(locals_, local_opts):
+      meme.load_state_dict(global_model.state_dict())           # fork the meme
+      meme_opt = torch.optim.SGD(meme.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+      lm, ll = meme(x), local(x)
+      loss_local = 0.5 * F.cross_entropy(ll, y) + 0.5 * kl(F.log_softmax(ll, 1),
+                                                            F.softmax(lm.detach(), 1))
+      loss_meme = 0.5 * F.cross_entropy(lm, y) + 0.5 * kl(F.log_softmax(lm, 1),
+                                                           F.softmax(ll.detach(), 1))
+      meme_opt.zero_grad()
+      local_opt.zero_grad()
+      (loss_meme + loss_local).backward()
+      meme_opt.step()
+      local_opt.step()
+
+  one_round()
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    one_round()
+    times.append(time.perf_counter() - t0)
+  t = statistics.median(times) / n   # seconds per client-step
+  return {"client_steps_per_s": 1 / t, "examples_per_s": BATCH / t, "clients_timed": n,
+          "torch_version": torch.__version__}
+
+
+def plot(results: dict, path: Path) -> bool:
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    print("matplotlib is not installed: no plot (pip install matplotlib)")
+    return False
+  fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
+  for ax, (model, by_cohort) in zip(axes[0], results.items()):
+    cohorts = sorted(int(c) for c in by_cohort)
+    for name in STRATEGIES + ("pytorch_loop",):
+      pts = [(c, by_cohort[str(c)].get(name, {}).get("client_steps_per_s")) for c in cohorts]
+      pts = [(c, v) for c, v in pts if v]
+      if pts:
+        ax.plot(*zip(*pts), marker="o", label=name, linestyle="--" if "pytorch" in name else "-")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("clients per round (one FML step each)")
+    ax.set_ylabel("client-steps / s")
+    ax.set_title(f"FML step, {model}, batch {BATCH}, {jax.default_backend()}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  return True
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--quick", action="store_true", help="mlp, cohort 8 (CI smoke test)")
+  parser.add_argument("--models", default="mlp,cnn")
+  parser.add_argument("--cohorts", default="1,8,64,512,4096")
+  parser.add_argument("--strategies", default=",".join(STRATEGIES))
+  parser.add_argument("--reps", type=int, default=3, help="timed rounds per point (median)")
+  parser.add_argument("--chunk_size", type=int, default=64)
+  parser.add_argument("--torch_clients", type=int, default=64,
+                      help="clients the PyTorch loop is timed on (its throughput is per client)")
+  parser.add_argument("--max_round_s", type=float, default=60.0,
+                      help="stop growing the cohort for a strategy once a round takes longer")
+  parser.add_argument("--out", default="benchmarks/results/client_scaling")
+  args = parser.parse_args()
+  if args.quick:
+    args.models, args.cohorts, args.reps, args.torch_clients = "mlp", "8", 2, 8
+  models = args.models.split(",")
+  cohorts = [int(c) for c in args.cohorts.split(",")]
+  strategies = args.strategies.split(",")
+
+  peak = matmul_peak_gflops(1024 if args.quick else 4096)
+  machine = {"backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
+             "cpu_count": os.cpu_count(), "jax": jax.__version__,
+             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
+             "matmul_peak_gflops": peak}
+  print(f"{machine['devices'][0]} x{len(jax.devices())}, {machine['cpu_count']} CPU cores, "
+        f"jax {jax.__version__}; float32 matmul peak {peak:.0f} GFLOP/s\n")
+  header = ("| model | cohort | strategy | round (s) | client-steps/s | examples/s | GFLOP/s | "
+            "% of matmul peak | memory est. | vs PyTorch loop |")
+  lines = [header, "|" + "---|" * 10]
+  print(lines[0]), print(lines[1])
+  results = {}
+  for model in models:
+    results[model] = {}
+    too_slow = set()
+    for cohort in cohorts:
+      row = results[model][str(cohort)] = {}
+      torch_result = measure_torch(model, cohort, args.torch_clients, args.reps)
+      if torch_result:
+        row["pytorch_loop"] = torch_result
+      for strategy in strategies:
+        if strategy in too_slow:
+          row[strategy] = {"skipped": f"a round took over {args.max_round_s:.0f} s at a smaller cohort"}
+        else:
+          row[strategy] = measure_jax(model, cohort, strategy, args.reps, args.chunk_size)
+          if row[strategy].get("round_s", 0) > args.max_round_s:
+            too_slow.add(strategy)
+        r = row[strategy]
+        if "skipped" in r:
+          line = f"| {model} | {cohort} | {strategy} | skipped: {r['skipped']} |||||||"
+        else:
+          ratio = (r["client_steps_per_s"] / torch_result["client_steps_per_s"]
+                   if torch_result else None)
+          r["vs_pytorch_loop"] = ratio
+          gf = r["gflops"]
+          line = (f"| {model} | {cohort} | {strategy} | {r['round_s']:.4f} | "
+                  f"{r['client_steps_per_s']:.1f} | {r['examples_per_s']:.0f} | "
+                  f"{gf:.1f} | {100 * gf / peak:.1f}% | {preflight.gib(r['memory_bytes'])} | "
+                  f"{'n/a' if ratio is None else f'{ratio:.2f}x'} |")
+        lines.append(line)
+        print(line, flush=True)
+      if torch_result:
+        line = (f"| {model} | {cohort} | pytorch loop ({torch_result['clients_timed']} clients "
+                f"timed) | | {torch_result['client_steps_per_s']:.1f} | "
+                f"{torch_result['examples_per_s']:.0f} | | | | 1.00x |")
+      else:
+        line = f"| {model} | {cohort} | pytorch loop | skipped: torch is not installed |||||||"
+      lines.append(line)
+      print(line, flush=True)
+  out = Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.with_suffix(".json").write_text(json.dumps({"machine": machine, "results": results},
+                                                 indent=2) + "\n")
+  out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+  plotted = plot(results, out.with_suffix(".png"))
+  print(f"\nwrote {out.with_suffix('.json')}, {out.with_suffix('.md')}"
+        f"{', ' + str(out.with_suffix('.png')) if plotted else ''}")
+
+
+if __name__ == "__main__":
+  main()
