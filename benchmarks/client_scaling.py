@@ -13,7 +13,8 @@ a Python loop over clients, forking the meme from the global model each time, as
 the official FML code and PFLlib do; its throughput does not depend on the cohort,
 so it is measured on min(cohort, --torch_clients) clients. Reported: client-steps/s,
 examples/s, achieved GFLOP/s (XLA's cost analysis of the compiled round) and its
-share of a float32 matmul peak measured in the same run, XLA's memory estimate for
+share of a float32 matmul peak measured in the same run (FLOPs: XLA's count
+for one client's step, times the cohort), XLA's memory estimate for
 the round, and each strategy's speed relative to the PyTorch loop. Sizes whose
 memory estimate does not fit are skipped with a message. Writes JSON, a markdown
 table and (with matplotlib) a log-log plot.
@@ -77,6 +78,23 @@ def matmul_peak_gflops(n: int = 4096, reps: int = 5) -> float:
   return 2 * n**3 / statistics.median(times) / 1e9
 
 
+_PER_CLIENT_FLOPS = {}
+
+
+def per_client_flops(model: str) -> float:
+  """XLA's FLOP count of one client's FML step (cost analysis of the compiled single-client
+  update). The GFLOP/s column uses it times the cohort for every strategy: the same useful
+  work, and XLA counts a `lax.map` loop body only once, so a whole-round count would
+  undercount `chunked`."""
+  if model not in _PER_CLIENT_FLOPS:
+    config = fml_config(model, 1, 1)
+    engine = Engine(build_algorithm(config, 10, INPUT_SHAPE), one_step_data(1), 1, "uniform",
+                    "sequential")
+    engine.compile(engine.abstract_state(0))
+    _PER_CLIENT_FLOPS[model] = engine.compiled_flops
+  return _PER_CLIENT_FLOPS[model]
+
+
 def measure_jax(model: str, cohort: int, strategy: str, reps: int, chunk_size: int) -> dict:
   config = fml_config(model, cohort, min(chunk_size, cohort))
   data = one_step_data(cohort)
@@ -87,7 +105,7 @@ def measure_jax(model: str, cohort: int, strategy: str, reps: int, chunk_size: i
   available = preflight.available_memory()
   if available is not None and estimate.total > preflight.HEADROOM * available:
     return {"skipped": f"needs {preflight.gib(estimate.total)}, {preflight.gib(available)} free"}
-  flops = engine.compiled_flops * (cohort if strategy == "sequential" else 1)
+  flops = per_client_flops(model) * cohort
   state = engine.init(0)
   state, report = engine.run_round(state)   # warm-up (compiled already; first-run effects)
   jax.block_until_ready(report)

@@ -71,6 +71,10 @@ class Cohort:
   client_state: Any       # their population slices
 
 
+def _tree_bytes(tree) -> int:
+  return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
 def client_mesh(num_devices: int) -> Optional[Mesh]:
   """A 1-D mesh named 'clients' over the first `num_devices` devices (0: all of them);
   None for a single device (nothing to shard)."""
@@ -150,7 +154,12 @@ class Engine:
     """Compiles the round ahead of time for states shaped like `state_like` (arrays or
     `jax.ShapeDtypeStruct`s) and returns XLA's memory analysis of it, in bytes:
     {"temp": scratch memory, "output": new buffers, "alias": outputs written in place}.
-    Later rounds run the compiled executable, so nothing is compiled twice."""
+    Later rounds run the compiled executable, so nothing is compiled twice.
+
+    For `sequential` the compiled program is one client's update, so the memory the
+    loop holds across clients is added to "temp": the gathered cohort, the per-client
+    outputs and their stacked copy."""
+    held_by_loop = 0
     if self.strategy != "sequential":
       compiled = self._vmap_round.lower(state_like, self.data).compile()
       self._vmap_round = compiled
@@ -160,14 +169,19 @@ class Engine:
       compiled = self._client_update.lower(state_like.server, one.client_state, one.clients,
                                            self.data).compile()
       self._client_update = compiled
+      results = jax.eval_shape(
+          jax.vmap(self.algorithm.client_update, in_axes=(None, 0, 0, None)),
+          state_like.server, cohort.client_state, cohort.clients, self.data)
+      held_by_loop = _tree_bytes(cohort) + 2 * _tree_bytes(results)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     # FLOPs of one compiled call: the whole round (vmap/chunked) or one client (sequential).
     self.compiled_flops = float((cost or {}).get("flops", 0.0))
     stats = compiled.memory_analysis()
     if stats is None:   # some backends do not report it
-      return {"temp": 0, "output": 0, "alias": 0}
-    return {"temp": int(stats.temp_size_in_bytes), "output": int(stats.output_size_in_bytes),
+      return {"temp": held_by_loop, "output": 0, "alias": 0}
+    return {"temp": int(stats.temp_size_in_bytes) + held_by_loop,
+            "output": int(stats.output_size_in_bytes),
             "alias": int(stats.alias_size_in_bytes)}
 
   def abstract_state(self, seed: int = 0) -> RoundState:
