@@ -71,7 +71,8 @@ class Cohort:
   client_state: Any       # their population slices
 
 
-def _tree_bytes(tree) -> int:
+def tree_bytes(tree) -> int:
+  """Bytes of every leaf of a tree of arrays or ShapeDtypeStructs."""
   return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
@@ -172,7 +173,7 @@ class Engine:
       results = jax.eval_shape(
           jax.vmap(self.algorithm.client_update, in_axes=(None, 0, 0, None)),
           state_like.server, cohort.client_state, cohort.clients, self.data)
-      held_by_loop = _tree_bytes(cohort) + 2 * _tree_bytes(results)
+      held_by_loop = tree_bytes(cohort) + 2 * tree_bytes(results)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     # FLOPs of one compiled call: the whole round (vmap/chunked) or one client (sequential).

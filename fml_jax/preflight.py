@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Optional
 
 import jax
-import numpy as np
 
+from fml_jax.engine import tree_bytes
 from fml_jax.errors import UserError
 
 HEADROOM = 0.9   # refuse above this share of the free memory
@@ -32,10 +32,6 @@ def gib(n: float) -> str:
     if n >= size:
       return f"{n / size:.2f} {unit}"
   return f"{int(n)} B"
-
-
-def tree_bytes(tree) -> int:
-  return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
 @dataclasses.dataclass(frozen=True)
