@@ -107,6 +107,9 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
   if resuming and checkpointer:
     first_round, state = checkpointer.restore_latest(abstract_state)
     first_round = first_round or 0
+    if first_round > config.num_rounds:
+      raise UserError(f"--workdir {workdir} already holds {first_round} rounds, more than "
+                      f"num_rounds={config.num_rounds}; raise num_rounds or use another workdir")
     if first_round:
       state = engine.place(state)
   if not first_round:

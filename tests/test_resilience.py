@@ -154,6 +154,13 @@ def test_workdir_with_other_config_lists_the_differences(tmp_path):
   assert [json.loads(l)["round"] for l in open(tmp_path / "metrics.jsonl")] == [1, 2, 3]
 
 
+def test_fewer_rounds_than_already_run_is_refused(tmp_path):
+  train.run(small_config(num_rounds=3, checkpoint_every=1), str(tmp_path))
+  with pytest.raises(UserError, match="already holds 3 rounds, more than num_rounds=2"):
+    train.run(small_config(num_rounds=2, checkpoint_every=1), str(tmp_path))
+  assert (tmp_path / "summary.json").exists()   # the finished run is left as it was
+
+
 def test_a_complete_run_is_not_repeated(tmp_path):
   first = train.run(small_config(num_rounds=2), str(tmp_path))
   again = train.run(small_config(num_rounds=2), str(tmp_path))
