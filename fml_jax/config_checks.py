@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import math
 
-from fml_jax.algorithms import ALGORITHMS, fedmr
+from fml_jax import schedules
+from fml_jax.algorithms import ALGORITHMS, fedh2l, fedmd, fedmr
+from fml_jax.algorithms.base import split_list
 from fml_jax.data.partition import PARTITIONS, check_partition_fits_dataset
 from fml_jax.engine import AGGREGATIONS, STRATEGIES
 from fml_jax.errors import ConfigError
-from fml_jax.models import MODELS
+from fml_jax.models import MODELS, STATEFUL_MODELS
 from fml_jax.optimizers import OPTIMIZERS
 
 REQUIRED_FIELDS = (
-    "algorithm", "dataset", "data_dir", "model", "local_model", "num_clients",
+    "algorithm", "dataset", "data_dir", "model", "local_models", "num_clients",
     "clients_per_round", "num_rounds", "local_epochs", "batch_size", "optimizer",
     "learning_rate", "momentum", "weight_decay", "alpha", "beta", "temperature", "prox_mu",
     "aggregation", "partition", "dirichlet_alpha", "dirichlet_min_examples",
@@ -25,7 +27,17 @@ REQUIRED_FIELDS = (
     "synthetic_beta", "synthetic_test_fraction", "synthetic_max_client_examples",
     "fedmr_first_stage_rounds", "fedmr_granularity", "fedmr_block_fraction",
     "fedmr_optimizer_state", "checkpoint_every", "checkpoints_to_keep", "chunk_size",
-    "mesh_shape")
+    "mesh_shape", "catfish_clients", "catfish_model", "client_tasks", "alpha_schedule",
+    "beta_schedule", "lr_schedule", "schedule_step_rounds", "schedule_stop_round",
+    "public_dataset", "public_size", "public_balanced", "private_classes",
+    "fedmd_public_epochs", "fedmd_private_epochs", "fedmd_early_stopping",
+    "fedmd_alignment_size", "fedmd_digest_loss", "fedmd_digest_temperature",
+    "fedmd_digest_epochs", "fedmd_digest_batch_size", "fedmd_report_bounds", "h2l_topology",
+    "h2l_peers", "h2l_distill_weight", "h2l_temperature", "h2l_seed_ce")
+
+# Models with batch norm keep running statistics that parameter averaging would have
+# to average too; we only allow them where a model is never averaged.
+AVERAGED_MODEL_ALGORITHMS = ("fml", "fedavg", "fedprox", "fedmr")
 
 
 def _choice(config, field: str, allowed) -> None:
@@ -59,8 +71,47 @@ def validate(config) -> None:
                       "fml_jax/configs/default.py, which defines every field")
   _choice(config, "algorithm", tuple(ALGORITHMS))
   _choice(config, "model", tuple(MODELS))
-  if config.local_model:
-    _choice(config, "local_model", tuple(MODELS))
+  for name in split_list(config.local_models):
+    if name not in MODELS:
+      raise ConfigError("local_models", f"'{name}' is not one of {', '.join(MODELS)}")
+  _choice(config, "catfish_model", tuple(MODELS))
+  if config.algorithm in AVERAGED_MODEL_ALGORITHMS and config.model in STATEFUL_MODELS:
+    raise ConfigError("model", f"'{config.model}' has batch norm statistics, which "
+                      f"{config.algorithm} would have to average; use it as a local model "
+                      "(local_models) or pick mlp, cnn, lenet5 or logreg")
+  if split_list(config.client_tasks) and config.algorithm not in ("fml", "local"):
+    raise ConfigError("client_tasks", f"tasks other than the dataset's own are supported by "
+                      f"fml and local, not {config.algorithm}")
+  if split_list(config.catfish_clients) and config.algorithm not in ("fml", "local"):
+    raise ConfigError("catfish_clients", f"the catfish is an FML setting (and local-only's, "
+                      f"to compare); {config.algorithm} does not use it")
+  base = {"alpha": config.alpha, "beta": config.beta, "lr": 1.0}
+  _number(config, "schedule_step_rounds", 1, integer=True)
+  _number(config, "schedule_stop_round", 0, integer=True)
+  for kind in schedules.KINDS:
+    schedules.to_table(config[f"{kind}_schedule"], kind, base[kind])
+  _choice(config, "fedmd_digest_loss", fedmd.DIGEST_LOSSES)
+  _choice(config, "h2l_topology", fedh2l.TOPOLOGIES)
+  for field in ("public_size", "fedmd_public_epochs", "fedmd_private_epochs",
+                "fedmd_digest_epochs"):
+    _number(config, field, 0, integer=True)
+  for field in ("fedmd_alignment_size", "fedmd_digest_batch_size", "h2l_peers"):
+    _number(config, field, 1, integer=True)
+  for field in ("fedmd_digest_temperature", "h2l_temperature"):
+    _number(config, field, 0, low_open=True)
+  _number(config, "h2l_distill_weight", 0)
+  for field in ("public_balanced", "fedmd_early_stopping", "fedmd_report_bounds", "h2l_seed_ce"):
+    if not isinstance(config[field], bool):
+      raise ConfigError(field, f"{config[field]!r} is not True or False")
+  if config.algorithm in ("fedmd", "fedh2l") and not config.public_dataset and (
+      config.public_size < 1):
+    what = "public set" if config.algorithm == "fedmd" else "seed set"
+    raise ConfigError("public_size", f"{config.algorithm} needs a {what}: set public_size to "
+                      "the number of training examples to hold out for it (or public_dataset)")
+  if config.algorithm == "fedh2l" and config.h2l_topology == "random_k" and (
+      config.h2l_peers >= config.clients_per_round):
+    raise ConfigError("h2l_peers", f"{config.h2l_peers} peers need more than "
+                      f"clients_per_round={config.clients_per_round} participants")
   _choice(config, "partition", PARTITIONS + ("natural",))
   _choice(config, "optimizer", OPTIMIZERS)
   _choice(config, "aggregation", AGGREGATIONS)

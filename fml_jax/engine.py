@@ -32,7 +32,7 @@ import numpy as np
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fml_jax.algorithms.base import Algorithm, ClientInfo, ClientResult, RoundContext
+from fml_jax.algorithms.base import Algorithm, ClientInfo, ClientResult, RoundContext, tree_bytes
 from fml_jax.data import FederatedData
 from fml_jax.errors import ConfigError
 
@@ -67,13 +67,27 @@ def tree_is_finite(tree) -> jax.Array:
 
 @struct.dataclass
 class Cohort:
-  clients: ClientInfo     # the sampled clients (leading axis k = clients_per_round)
-  client_state: Any       # their population slices
+  """One architecture group's part of the round's cohort."""
+  clients: ClientInfo     # the sampled clients of the group (leading axis k_g)
+  client_state: Any       # their slices of the group's population
 
 
-def tree_bytes(tree) -> int:
-  """Bytes of every leaf of a tree of arrays or ShapeDtypeStructs."""
-  return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+def apportion(total: int, sizes: list[int]) -> list[int]:
+  """Splits `total` cohort places among groups in proportion to their sizes (largest
+  remainder), at least one place per group and at most its size."""
+  n = sum(sizes)
+  if total < len(sizes):
+    raise ConfigError("clients_per_round", f"{total} is fewer than the {len(sizes)} architecture "
+                      "groups; every group needs at least one client per round")
+  quotas = [total * s / n for s in sizes]
+  counts = [max(1, min(s, int(q))) for q, s in zip(quotas, sizes)]
+  order = sorted(range(len(sizes)), key=lambda g: quotas[g] - int(quotas[g]), reverse=True)
+  while sum(counts) != total:
+    step = 1 if sum(counts) < total else -1
+    for g in order if step > 0 else order[::-1]:
+      if sum(counts) != total and 1 <= counts[g] + step <= sizes[g]:
+        counts[g] += step
+  return counts
 
 
 def client_mesh(num_devices: int) -> Optional[Mesh]:
@@ -114,8 +128,20 @@ def resolve_strategy(strategy: str) -> str:
   return "sequential" if jax.default_backend() == "cpu" else "vmap"
 
 
+def concat_clients(trees: list):
+  """Concatenates per-group trees along their client axis (the cohort order)."""
+  return trees[0] if len(trees) == 1 else jax.tree.map(lambda *xs: jnp.concatenate(xs), *trees)
+
+
 class Engine:
-  """Runs rounds of `algorithm` on `data` with the chosen execution strategy."""
+  """Runs rounds of `algorithm` on `data` with the chosen execution strategy.
+
+  Clients are split into the algorithm's *architecture groups* (clients whose
+  persistent state has the same shapes); each group's population is one stacked
+  pytree. Every round samples a fixed number of clients from each group (in
+  proportion to its size, `apportion`), runs each group's clients together and
+  concatenates their uploads into one cohort for the server.
+  """
 
   def __init__(self, algorithm: Algorithm, data: FederatedData, clients_per_round: int,
                aggregation: str = "auto", strategy: str = "auto", chunk_size: int = 0,
@@ -134,22 +160,38 @@ class Engine:
     self.chunk_size = chunk_size if self.strategy == "chunked" else 0
     if self.strategy == "chunked" and chunk_size < 1:
       raise ConfigError("chunk_size", f"strategy 'chunked' needs chunk_size >= 1, got {chunk_size}")
+    groups = np.asarray(algorithm.client_groups(data.num_clients))
+    self.members = [np.flatnonzero(groups == g) for g in range(int(groups.max()) + 1)]
+    if any(len(m) == 0 for m in self.members):
+      raise ConfigError("local_models", "an architecture group has no clients")
+    self.group_sizes = [len(m) for m in self.members]
+    self.cohort_sizes = apportion(clients_per_round, self.group_sizes)
     self.mesh = mesh
     self.compiled_flops = 0.0   # set by compile()
     if mesh is not None:
       n = mesh.size
-      for field, value in (("num_clients", data.num_clients),
-                           ("clients_per_round", clients_per_round)):
-        if value % n:
+      for field, values in (("num_clients", self.group_sizes),
+                            ("clients_per_round", self.cohort_sizes)):
+        if any(v % n for v in values):
+          what = "" if len(values) == 1 else " (per architecture group)"
           raise ConfigError("mesh_shape", f"the client axis is sharded over {n} devices, so "
-                            f"{field} must be a multiple of {n}; it is {value}")
+                            f"{field}{what} must be a multiple of {n}; it is "
+                            f"{values[0] if len(values) == 1 else values}")
       self.data = jax.device_put(data, NamedSharding(mesh, P()))
     # Jitted: initializing thousands of stacked client models eagerly is slow.
     self._init = jax.jit(algorithm.init, static_argnums=1)
     self._begin = jax.jit(self.begin_round)
-    self._client_update = jax.jit(algorithm.client_update)
+    self._prepare = jax.jit(algorithm.prepare_round)
+    self._exchange = jax.jit(algorithm.exchange)
+    self._client_message = jax.jit(algorithm.client_message, static_argnums=4)
+    self._client_update = jax.jit(algorithm.client_update, static_argnums=4)
+    self._compiled_updates: dict = {}
     self._finish = jax.jit(self.finish_round, donate_argnums=0)
     self._vmap_round = jax.jit(self.vmap_round, donate_argnums=0)
+
+  @property
+  def num_groups(self) -> int:
+    return len(self.members)
 
   def compile(self, state_like: RoundState) -> dict:
     """Compiles the round ahead of time for states shaped like `state_like` (arrays or
@@ -157,33 +199,43 @@ class Engine:
     {"temp": scratch memory, "output": new buffers, "alias": outputs written in place}.
     Later rounds run the compiled executable, so nothing is compiled twice.
 
-    For `sequential` the compiled program is one client's update, so the memory the
-    loop holds across clients is added to "temp": the gathered cohort, the per-client
-    outputs and their stacked copy."""
+    For `sequential` the compiled programs are one client's update per group, so the
+    memory the loop holds across clients is added to "temp": the gathered cohort,
+    the per-client outputs and their stacked copy."""
     held_by_loop = 0
     if self.strategy != "sequential":
-      compiled = self._vmap_round.lower(state_like, self.data).compile()
-      self._vmap_round = compiled
+      compiled = [self._vmap_round.lower(state_like, self.data).compile()]
+      self._vmap_round = compiled[0]
     else:
-      cohort = jax.eval_shape(self.begin_round, state_like, self.data)
-      one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), cohort)
-      compiled = self._client_update.lower(state_like.server, one.client_state, one.clients,
-                                           self.data).compile()
-      self._client_update = compiled
-      results = jax.eval_shape(
-          jax.vmap(self.algorithm.client_update, in_axes=(None, 0, 0, None)),
-          state_like.server, cohort.client_state, cohort.clients, self.data)
-      held_by_loop = tree_bytes(cohort) + 2 * tree_bytes(results)
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    # FLOPs of one compiled call: the whole round (vmap/chunked) or one client (sequential).
-    self.compiled_flops = float((cost or {}).get("flops", 0.0))
-    stats = compiled.memory_analysis()
-    if stats is None:   # some backends do not report it
+      cohorts, context = jax.eval_shape(self.begin_round, state_like, self.data)
+      server = jax.eval_shape(self.algorithm.prepare_round, state_like.server, context, self.data)
+      compiled = []
+      for g, cohort in enumerate(cohorts):
+        one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), cohort)
+        self._compiled_updates[g] = self._client_update.lower(
+            server, one.client_state, one.clients, self.data, g).compile()
+        compiled.append(self._compiled_updates[g])
+        results = jax.eval_shape(
+            jax.vmap(lambda s, c, i: self.algorithm.client_update(s, c, i, self.data, g),
+                     in_axes=(None, 0, 0)), server, cohort.client_state, cohort.clients)
+        held_by_loop += tree_bytes(cohort) + 2 * tree_bytes(results)
+    flops, temp, output, alias, reported = 0.0, 0, 0, 0, False
+    for c in compiled:
+      cost = c.cost_analysis()
+      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+      flops += float((cost or {}).get("flops", 0.0))
+      stats = c.memory_analysis()
+      if stats is not None:   # some backends do not report it
+        reported = True
+        temp = max(temp, int(stats.temp_size_in_bytes))
+        output = max(output, int(stats.output_size_in_bytes))
+        alias = max(alias, int(stats.alias_size_in_bytes))
+    # FLOPs of one compiled call: the whole round (vmap/chunked) or one client per group
+    # (sequential).
+    self.compiled_flops = flops
+    if not reported:
       return {"temp": held_by_loop, "output": 0, "alias": 0}
-    return {"temp": int(stats.temp_size_in_bytes) + held_by_loop,
-            "output": int(stats.output_size_in_bytes),
-            "alias": int(stats.alias_size_in_bytes)}
+    return {"temp": temp + held_by_loop, "output": output, "alias": alias}
 
   def abstract_state(self, seed: int = 0) -> RoundState:
     """The shapes, dtypes (and shardings) of `init(seed)`, without allocating anything."""
@@ -215,51 +267,86 @@ class Engine:
   def _unplaced_init(self, seed: int) -> RoundState:
     # Raw uint32 keys (not typed keys) so the state stays plain arrays for checkpoints.
     init_key, rounds_key = jax.random.split(jax.random.PRNGKey(seed))
-    server, population = self._init(init_key, self.data.num_clients)
+    server, population = self._init(init_key, tuple(self.group_sizes))
     return RoundState(round=jnp.zeros((), jnp.int32), key=rounds_key, server=server,
-                      population=population)
+                      population=tuple(population))
 
-  # --- the three pieces ------------------------------------------------------------------
+  # --- the pieces of a round -------------------------------------------------------------
 
-  def begin_round(self, state: RoundState, data: FederatedData) -> Cohort:
+  def begin_round(self, state: RoundState, data: FederatedData) -> tuple[tuple, RoundContext]:
+    """Samples each group's share of the cohort (without replacement, within the group),
+    gathers its state and data rows; returns the per-group cohorts and the round's context."""
     round_key = jax.random.fold_in(state.key, state.round)
-    ids = jax.random.choice(jax.random.fold_in(round_key, 0), data.num_clients,
-                            (self.clients_per_round,), replace=False)
-    # A client's key depends on its id, not its position in the cohort.
-    keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.fold_in(round_key, 1), ids)
-    clients = ClientInfo(id=ids, position=jnp.arange(self.clients_per_round, dtype=jnp.int32),
-                         train_idx=data.train_idx[ids], train_n=data.train_n[ids], key=keys)
-    return Cohort(clients=clients,
-                  client_state=jax.tree.map(lambda p: p[ids], state.population))
-
-  def finish_round(self, state: RoundState, cohort: Cohort,
-                   results: ClientResult) -> tuple[RoundState, RoundReport]:
-    ids = cohort.clients.id
-    population = jax.tree.map(lambda p, new: p.at[ids].set(new), state.population,
-                              results.client_state)
+    sample_key = jax.random.fold_in(round_key, 0)
+    client_key = jax.random.fold_in(round_key, 1)
+    cohorts, offset = [], 0
+    for g, (members, k) in enumerate(zip(self.members, self.cohort_sizes)):
+      key = sample_key if self.num_groups == 1 else jax.random.fold_in(sample_key, g)
+      slots = jax.random.choice(key, len(members), (k,), replace=False)
+      ids = jnp.asarray(members, jnp.int32)[slots] if self.num_groups > 1 else slots
+      # A client's key depends on its id, not its position in the cohort.
+      keys = jax.vmap(jax.random.fold_in, (None, 0))(client_key, ids)
+      clients = ClientInfo(id=ids, position=offset + jnp.arange(k, dtype=jnp.int32),
+                           train_idx=data.train_idx[ids], train_n=data.train_n[ids], key=keys,
+                           round=jnp.full((k,), state.round, jnp.int32))
+      cohorts.append(Cohort(clients=clients,
+                            client_state=jax.tree.map(lambda p: p[slots], state.population[g])))
+      offset += k
+    everyone = concat_clients([c.clients for c in cohorts])
     if self.aggregation == "weighted":
-      weights = cohort.clients.train_n.astype(jnp.float32)
+      weights = everyone.train_n.astype(jnp.float32)
     else:
-      weights = jnp.ones(ids.shape, jnp.float32)
-    context = RoundContext(round=state.round, clients=cohort.clients,
-                           weights=weights / jnp.sum(weights),
-                           key=jax.random.fold_in(jax.random.fold_in(state.key, state.round), 2))
-    server = self.algorithm.server_update(state.server, results.upload, context)
+      weights = jnp.ones(everyone.id.shape, jnp.float32)
+    context = RoundContext(round=state.round, clients=everyone, weights=weights / jnp.sum(weights),
+                           key=jax.random.fold_in(round_key, 2))
+    return tuple(cohorts), context
+
+  def finish_round(self, state: RoundState, server: Any, cohorts: tuple, context: RoundContext,
+                   results: tuple) -> tuple[RoundState, RoundReport]:
+    """Scatters each group's new client states back and updates the server with the
+    uploads of the whole cohort (concatenated across groups, in cohort order)."""
+    population = []
+    for g, (cohort, result) in enumerate(zip(cohorts, results)):
+      slots = cohort.clients.id if self.num_groups == 1 else jnp.asarray(
+          self._slot_of_client())[cohort.clients.id]
+      population.append(jax.tree.map(lambda p, new: p.at[slots].set(new), state.population[g],
+                                     result.client_state))
+    uploads = concat_clients([r.upload for r in results])
+    metrics = concat_clients([r.metrics for r in results])
+    server = self.algorithm.server_update(server, uploads, context)
     # The divergence guard: one flag per client and one for the round, reduced on device.
-    client_finite = jax.vmap(tree_is_finite)(
-        (results.metrics, results.upload, results.client_state))
-    report = RoundReport(metrics=jax.tree.map(jnp.mean, results.metrics), cohort=ids,
+    client_finite = jnp.concatenate([jax.vmap(tree_is_finite)(
+        (r.metrics, r.upload, r.client_state)) for r in results])
+    report = RoundReport(metrics=jax.tree.map(jnp.mean, metrics), cohort=context.clients.id,
                          client_finite=client_finite,
                          all_finite=jnp.all(client_finite) & tree_is_finite(server))
-    return state.replace(round=state.round + 1, server=server, population=population), report
+    return state.replace(round=state.round + 1, server=server,
+                         population=tuple(population)), report
+
+  def _slot_of_client(self) -> np.ndarray:
+    """(num_clients,) each client's row in its group's population."""
+    slot = np.zeros(sum(self.group_sizes), np.int32)
+    for members in self.members:
+      slot[members] = np.arange(len(members))
+    return slot
+
+  def _map_group(self, fn, server, cohort: Cohort, data, group: int):
+    return map_over_clients(
+        lambda s, client_state, client: fn(s, client_state, client, data, group),
+        (server,), (cohort.client_state, cohort.clients), self.chunk_size)
 
   def vmap_round(self, state: RoundState, data: FederatedData) -> tuple[RoundState, RoundReport]:
-    cohort = self.shard_clients(self.begin_round(state, data))
-    results = map_over_clients(
-        lambda server, client_state, client: self.algorithm.client_update(
-            server, client_state, client, data),
-        (state.server,), (cohort.client_state, cohort.clients), self.chunk_size)
-    return self.finish_round(state, cohort, self.shard_clients(results))
+    cohorts, context = self.begin_round(state, data)
+    cohorts = tuple(self.shard_clients(c) for c in cohorts)
+    server = self.algorithm.prepare_round(state.server, context, data)
+    if self.algorithm.exchanges_messages:
+      messages = concat_clients([self._map_group(self.algorithm.client_message, server, c, data, g)
+                                 for g, c in enumerate(cohorts)])
+      server = self.algorithm.exchange(server, self.shard_clients(messages), context)
+    results = tuple(self.shard_clients(self._map_group(self.algorithm.client_update, server, c,
+                                                       data, g))
+                    for g, c in enumerate(cohorts))
+    return self.finish_round(state, server, cohorts, context, results)
 
   def shard_clients(self, tree):
     """Inside the jitted round: lay a cohort-shaped tree out along the mesh's client axis."""
@@ -270,17 +357,76 @@ class Engine:
   # --- strategies ----------------------------------------------------------------------
 
   def sequential_round(self, state: RoundState) -> tuple[RoundState, RoundReport]:
-    cohort = self._begin(state, self.data)
-    outputs = []
-    for i in range(self.clients_per_round):
-      client = jax.tree.map(lambda a: a[i], cohort)
-      outputs.append(self._client_update(state.server, client.client_state, client.clients,
-                                         self.data))
-    results = jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
-    return self._finish(state, cohort, results)
+    cohorts, context = self._begin(state, self.data)
+    server = self._prepare(state.server, context, self.data)
+
+    def each_client(fn):
+      per_group = []
+      for g, cohort in enumerate(cohorts):
+        outputs = []
+        for i in range(self.cohort_sizes[g]):
+          client = jax.tree.map(lambda a: a[i], cohort)
+          outputs.append(fn(g)(server, client.client_state, client.clients, self.data))
+        per_group.append(jax.tree.map(lambda *xs: jnp.stack(xs), *outputs))
+      return per_group
+
+    if self.algorithm.exchanges_messages:
+      messages = concat_clients(each_client(
+          lambda g: lambda *args: self._client_message(*args, g)))
+      server = self._exchange(server, messages, context)
+    results = each_client(lambda g: self._compiled_updates.get(g) or (
+        lambda *args: self._client_update(*args, g)))
+    return self._finish(state, server, cohorts, context, tuple(results))
+
+  def warm_start(self, state: RoundState, rows=None) -> RoundState:
+    """Runs the algorithm's warm start (FedMD's transfer learning) on every client, before
+    the first round; a no-op for algorithms without one. `rows` = (train_idx, train_n)
+    replaces every client's data row (the pooled-data bound)."""
+    if not self.algorithm.has_warm_start:
+      return state
+    key = jax.random.fold_in(state.key, 2**31 - 1)
+    population = []
+    for g, members in enumerate(self.members):
+      ids = jnp.asarray(members, jnp.int32)
+      idx, n = (self.data.train_idx[ids], self.data.train_n[ids]) if rows is None else (
+          jnp.broadcast_to(rows[0], (len(members), rows[0].shape[0])),
+          jnp.broadcast_to(rows[1], (len(members),)))
+      clients = ClientInfo(id=ids, position=jnp.arange(len(members), dtype=jnp.int32),
+                           train_idx=idx, train_n=n,
+                           key=jax.vmap(jax.random.fold_in, (None, 0))(key, ids),
+                           round=jnp.zeros(len(members), jnp.int32))
+      fn = lambda client_state, client, data, g=g: self.algorithm.warm_start(
+          client_state, client, data, g)
+      if self.strategy == "sequential":
+        one = jax.jit(fn)
+        outputs = [one(jax.tree.map(lambda a: a[i], state.population[g]),
+                       jax.tree.map(lambda a: a[i], clients), self.data)
+                   for i in range(len(members))]
+        population.append(jax.tree.map(lambda *xs: jnp.stack(xs), *outputs))
+      else:
+        population.append(jax.jit(lambda p, c, data, fn=fn: map_over_clients(
+            lambda cs, ci: fn(cs, ci, data), (), (p, c), self.chunk_size))(
+                state.population[g], clients, self.data))
+    return self.place(state.replace(population=tuple(population)))
 
   def run_round(self, state: RoundState) -> tuple[RoundState, RoundReport]:
     """One round; the input state's buffers are donated (do not reuse `state`)."""
     if self.strategy == "sequential":
       return self.sequential_round(state)
     return self._vmap_round(state, self.data)
+
+  def communication(self, state_like: RoundState) -> dict:
+    """Bytes sent up (clients to server or peers) and down per round, from shapes."""
+    cohorts, context = jax.eval_shape(self.begin_round, state_like, self.data)
+    server = jax.eval_shape(self.algorithm.prepare_round, state_like.server, context, self.data)
+    per_group = lambda fn: [jax.eval_shape(
+        lambda s, c, g=g: self._map_group(fn, s, c, self.data, g), server, cohort)
+        for g, cohort in enumerate(cohorts)]
+    messages = []
+    if self.algorithm.exchanges_messages:
+      messages = per_group(self.algorithm.client_message)
+      server = jax.eval_shape(lambda s, m, c: self.algorithm.exchange(s, concat_clients(m), c),
+                              server, messages, context)
+    uploads = [r.upload for r in per_group(self.algorithm.client_update)]
+    return self.algorithm.communication(server, tree_bytes(uploads), tree_bytes(messages),
+                                        self.clients_per_round)

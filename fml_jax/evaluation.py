@@ -4,6 +4,7 @@ personalized model on its own test split (vmapped over clients, in chunks)."""
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import flax.linen as nn
 import jax
@@ -11,51 +12,69 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fml_jax.algorithms.base import PersonalizedModels
 from fml_jax.data import FederatedData
 from fml_jax.models import apply_model
+
+if TYPE_CHECKING:   # evaluation is imported by algorithms; avoid the cycle
+  from fml_jax.algorithms.base import PersonalizedModels
 
 # Examples evaluated at once (summed over the clients of a chunk), bounding activation memory.
 EXAMPLES_PER_CALL = 4096
 
 
-def evaluate_rows(model: nn.Module, params, x_all: jax.Array, y_all: jax.Array, idx: jax.Array,
-                  count: jax.Array, normalize, batch_size: int) -> tuple[jax.Array, jax.Array]:
-  """(accuracy, mean loss) of one model on the first `count` rows `idx` of (x_all, y_all)."""
+def evaluate_rows(model: nn.Module, variables, x_all: jax.Array, y_all: jax.Array,
+                  idx: jax.Array, count: jax.Array, normalize, batch_size: int,
+                  label_map=None) -> tuple[jax.Array, jax.Array]:
+  """(accuracy, mean loss) of one model on the first `count` rows `idx` of (x_all, y_all).
+
+  `variables` = (params, model_state). With `label_map` the labels are mapped into the
+  model's task and examples outside the task (-1) are not counted."""
+  params, model_state = variables
   num_batches = -(-idx.shape[0] // batch_size)
   slots = jnp.arange(num_batches * batch_size).reshape(num_batches, batch_size)
   idx = jnp.pad(idx, (0, num_batches * batch_size - idx.shape[0]))
 
   def body(totals, batch_slots):
     rows = idx[batch_slots]
-    logits = apply_model(model, params, normalize(x_all[rows]))
+    logits = apply_model(model, params, normalize(x_all[rows]), model_state)
+    labels = y_all[rows]
     valid = batch_slots < count
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y_all[rows])
-    correct = jnp.argmax(logits, -1) == y_all[rows]
+    if label_map is not None:
+      labels = jnp.asarray(label_map)[labels]
+      valid = valid & (labels >= 0)
+      labels = jnp.maximum(labels, 0)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    correct = jnp.argmax(logits, -1) == labels
     return (totals[0] + jnp.sum(jnp.where(valid, correct, 0)),
-            totals[1] + jnp.sum(jnp.where(valid, loss, 0.0))), None
+            totals[1] + jnp.sum(jnp.where(valid, loss, 0.0)),
+            totals[2] + jnp.sum(valid)), None
 
-  (correct, loss), _ = jax.lax.scan(body, (jnp.zeros((), jnp.int32), jnp.zeros(())), slots)
-  n = jnp.maximum(count, 1)
+  zero = jnp.zeros((), jnp.int32)
+  (correct, loss, counted), _ = jax.lax.scan(body, (zero, jnp.zeros(()), zero), slots)
+  n = jnp.maximum(counted, 1)
   return correct / n, loss / n
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def evaluate_global(model: nn.Module, params, data: FederatedData, batch_size: int = 1000):
   n = data.x_test.shape[0]
-  return evaluate_rows(model, params, data.x_test, data.y_test, jnp.arange(n), jnp.asarray(n),
-                       data.normalize, min(batch_size, n))
+  return evaluate_rows(model, (params, None), data.x_test, data.y_test, jnp.arange(n),
+                       jnp.asarray(n), data.normalize, min(batch_size, n))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 4))
-def _evaluate_client_chunk(model, params, data, per_client: bool, batch_size: int, idx, count):
-  def one(p, i, n):
-    return evaluate_rows(model, p, data.x_test, data.y_test, i, n, data.normalize, batch_size)
-  return jax.vmap(one, in_axes=(0 if per_client else None, 0, 0))(params, idx, count)
+def _evaluate_client_chunk(model, variables, data, per_client: bool, batch_size: int, idx, count,
+                           label_map):
+  def one(v, i, n):
+    return evaluate_rows(model, v, data.x_test, data.y_test, i, n, data.normalize, batch_size,
+                         label_map)
+  return jax.vmap(one, in_axes=(0 if per_client else None, 0, 0))(variables, idx, count)
 
 
-def evaluate_personalized(models: PersonalizedModels, data: FederatedData) -> tuple[np.ndarray, np.ndarray]:
-  """Per-client (accuracy, loss) of each client's model on its own test split.
+def evaluate_personalized(models: PersonalizedModels, data: FederatedData,
+                          on_global_test: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """Per-client (accuracy, loss) of each client's model on its own test split (or, with
+  `on_global_test`, on the whole global test set).
 
   Clients go through in fixed-size chunks (the last one padded by repeating its
   first entry, then dropped) so one compiled function serves every chunk.
@@ -63,18 +82,32 @@ def evaluate_personalized(models: PersonalizedModels, data: FederatedData) -> tu
   client_ids = (np.arange(data.num_clients) if models.client_ids is None
                 else np.asarray(models.client_ids))
   num = len(client_ids)
-  max_test = data.test_idx.shape[1]
-  batch_size = min(max_test, 256)
+  if on_global_test:
+    n_test = data.x_test.shape[0]
+    test_idx, test_n = jnp.arange(n_test)[None, :], jnp.asarray([n_test])
+    batch_size = min(n_test, 1000)
+  else:
+    test_idx, test_n = data.test_idx, data.test_n
+    batch_size = min(test_idx.shape[1], 256)
   chunk = max(1, min(num, EXAMPLES_PER_CALL // batch_size))
+  variables = (models.params, models.model_state)
   accs, losses = [], []
   for start in range(0, num, chunk):
     pos = np.arange(start, start + chunk)
     pos = np.where(pos < num, pos, start)
-    ids = client_ids[pos]
-    params = jax.tree.map(lambda p: p[pos], models.params) if models.per_client else models.params
-    acc, loss = _evaluate_client_chunk(models.model, params, data, models.per_client, batch_size,
-                                       data.test_idx[ids], data.test_n[ids])
+    rows = np.zeros_like(pos) if on_global_test else client_ids[pos]
+    chunk_vars = (jax.tree.map(lambda p: p[pos], variables) if models.per_client
+                  else variables)
+    acc, loss = _evaluate_client_chunk(models.model, chunk_vars, data, models.per_client,
+                                       batch_size, test_idx[rows], test_n[rows],
+                                       models.label_map)
     keep = min(chunk, num - start)
     accs.append(np.asarray(acc)[:keep])
     losses.append(np.asarray(loss)[:keep])
   return np.concatenate(accs), np.concatenate(losses)
+
+
+def evaluate_all_personalized(models: list[PersonalizedModels], data: FederatedData,
+                              on_global_test: bool = False) -> np.ndarray:
+  """Accuracy of every evaluated client's model (all groups, concatenated)."""
+  return np.concatenate([evaluate_personalized(m, data, on_global_test)[0] for m in models])

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fml_jax.tasks import task_log_probs
+
 
 def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
   mask = mask.astype(values.dtype)
@@ -35,9 +37,17 @@ def kl_divergence(target_logits: jax.Array, logits: jax.Array, mask: jax.Array,
   return masked_mean(per_example, mask)
 
 
+def kl_from_log_probs(target_logp: jax.Array, logp: jax.Array, mask: jax.Array) -> jax.Array:
+  """KL(p_target || p) from log-probabilities, summed over classes, averaged over the
+  valid examples; the target is a constant."""
+  target_logp = jax.lax.stop_gradient(target_logp)
+  per_example = jnp.sum(jnp.exp(target_logp) * (target_logp - logp), axis=-1)
+  return masked_mean(per_example, mask)
+
+
 def fml_losses(meme_logits: jax.Array, local_logits: jax.Array, labels: jax.Array,
-               mask: jax.Array, alpha: float, beta: float,
-               temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+               mask: jax.Array, alpha: float, beta: float, temperature: float = 1.0,
+               task=None, local_labels=None) -> tuple[jax.Array, jax.Array]:
   """Deep mutual learning losses of FML (ALGORITHMS.md):
 
       L_local = alpha * CE(local, y) + (1 - alpha) * KL(p_meme || p_local)
@@ -45,11 +55,24 @@ def fml_losses(meme_logits: jax.Array, local_logits: jax.Array, labels: jax.Arra
 
   Each KL target is a stop-gradient constant, so the gradient of
   `L_meme + L_local` with respect to (meme, local) is each model's own gradient.
+
+  With a client `task` (fml_jax/tasks.py) the local model's logits are in the task's
+  classes and `local_labels` are the labels mapped into it; p_meme is then mapped
+  into the task's space before both KL terms (the meme's gradient flows through
+  the mapping).
   """
-  loss_local = (alpha * cross_entropy(local_logits, labels, mask)
-                + (1 - alpha) * kl_divergence(meme_logits, local_logits, mask, temperature))
+  if task is None or task.is_identity:
+    loss_local = (alpha * cross_entropy(local_logits, labels, mask)
+                  + (1 - alpha) * kl_divergence(meme_logits, local_logits, mask, temperature))
+    loss_meme = (beta * cross_entropy(meme_logits, labels, mask)
+                 + (1 - beta) * kl_divergence(local_logits, meme_logits, mask, temperature))
+    return loss_meme, loss_local
+  meme_logp = task_log_probs(jax.nn.log_softmax(meme_logits / temperature), task)
+  local_logp = jax.nn.log_softmax(local_logits / temperature)
+  loss_local = (alpha * cross_entropy(local_logits, local_labels, mask)
+                + (1 - alpha) * kl_from_log_probs(meme_logp, local_logp, mask))
   loss_meme = (beta * cross_entropy(meme_logits, labels, mask)
-               + (1 - beta) * kl_divergence(local_logits, meme_logits, mask, temperature))
+               + (1 - beta) * kl_from_log_probs(local_logp, meme_logp, mask))
   return loss_meme, loss_local
 
 

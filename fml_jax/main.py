@@ -9,6 +9,7 @@ line naming the problem (exit status 2), before any training.
 """
 
 import logging as std_logging
+import re
 import sys
 
 from absl import app, flags, logging
@@ -24,8 +25,12 @@ def _fail(message: str):
 
 def _bad_config_flag(error: Exception):
   if isinstance(error, (KeyError, AttributeError)):
-    name = str(error).strip("\"'").split("'")[0]
-    _fail(f"config has no field {name!r} (from a --config.{name}=... override); "
+    text = str(error).encode().decode("unicode_escape")
+    names = re.findall(r"[A-Za-z_][\w.]*", text)
+    name = names[0] if names else text
+    hint = re.search(r'Did you mean "([\w.]+)"', text)
+    suggestion = f"did you mean {hint.group(1)!r}? " if hint else ""
+    _fail(f"config has no field {name!r} (from a --config.{name}=... override); {suggestion}"
           "the fields are listed in fml_jax/configs/default.py")
   detail = " ".join(str(error).split())
   _fail(f"--config: could not load the config or apply an override: {detail}")

@@ -1,8 +1,14 @@
 """Model zoo: the architectures of the FedAvg and FML papers, as Flax modules.
 
 Every model maps normalized float inputs (batch, *input_shape) to logits
-(batch, num_classes). `build_model(name, num_classes)` is the only entry point
-the rest of the code uses; add a model by adding it to `MODELS`.
+(batch, num_classes) and takes `train` (dropout on, batch statistics updated).
+`build_model(name, num_classes, input_shape)` is the only constructor the rest of
+the code uses; add a model by adding it to `MODELS`.
+
+A model's variables are `{"params": ...}` plus, for models with batch norm,
+`{"batch_stats": ...}`. `init_variables` / `forward` handle both the same way, so
+algorithms never special-case a model: `TrainState.model_state` carries the
+non-trainable collections (empty for most models).
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ class LogReg(nn.Module):
   num_classes: int
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, train: bool = False):
     return nn.Dense(self.num_classes)(x.reshape(x.shape[0], -1))
 
 
@@ -43,7 +49,7 @@ class MLP(nn.Module):
   hidden: tuple = (200, 200)
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, train: bool = False):
     x = x.reshape(x.shape[0], -1)
     for width in self.hidden:
       x = nn.relu(nn.Dense(width)(x))
@@ -55,7 +61,7 @@ class CNN(nn.Module):
   num_classes: int
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, train: bool = False):
     x = max_pool_2x2(nn.relu(nn.Conv(32, (5, 5), padding="SAME")(x)))
     x = max_pool_2x2(nn.relu(nn.Conv(64, (5, 5), padding="SAME")(x)))
     x = x.reshape(x.shape[0], -1)
@@ -68,7 +74,7 @@ class LeNet5(nn.Module):
   num_classes: int
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, train: bool = False):
     x = max_pool_2x2(nn.relu(nn.Conv(6, (5, 5), padding="SAME")(x)))
     x = max_pool_2x2(nn.relu(nn.Conv(16, (5, 5), padding="VALID")(x)))
     x = x.reshape(x.shape[0], -1)
@@ -77,13 +83,77 @@ class LeNet5(nn.Module):
     return nn.Dense(self.num_classes)(x)
 
 
+def avg_pool_2_same(x: jax.Array, strides: int) -> jax.Array:
+  """Keras `AveragePooling2D(2, strides, padding="same")`: the window is cut at the
+  border and the mean is over the pixels inside it (count_include_pad=False)."""
+  return nn.avg_pool(x, (2, 2), (strides, strides), padding="SAME", count_include_pad=False)
+
+
+class FedMDCNN(nn.Module):
+  """The parties' CNNs of FedMD's official code (ALGORITHMS.md), 2 or 3 conv blocks.
+
+  2 blocks: conv 3x3 f1 (stride 1, same) + BN + ReLU + dropout + avg-pool 2 (stride 1,
+  same); conv 3x3 f2 (stride 2, valid) + BN + ReLU + dropout; flatten; dense (no bias).
+  3 blocks: the first block as above; conv 2x2 f2 (stride 2, valid) + BN + ReLU +
+  dropout + avg-pool 2 (stride 2, same); conv 3x3 f3 (stride 2, valid) + BN + ReLU +
+  dropout; flatten; dense (no bias).
+  """
+  num_classes: int
+  filters: tuple
+  dropout: float
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    def block(x, features, kernel, strides, padding):
+      x = nn.Conv(features, (kernel, kernel), (strides, strides), padding=padding,
+                  use_bias=False)(x)
+      # Keras' defaults: momentum 0.99, epsilon 1e-3.
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=1e-3)(x)
+      return nn.Dropout(self.dropout, deterministic=not train)(nn.relu(x))
+
+    x = avg_pool_2_same(block(x, self.filters[0], 3, 1, "SAME"), 1)
+    if len(self.filters) == 2:
+      x = block(x, self.filters[1], 3, 2, "VALID")
+    else:
+      x = avg_pool_2_same(block(x, self.filters[1], 2, 2, "VALID"), 2)
+      x = block(x, self.filters[2], 3, 2, "VALID")
+    return nn.Dense(self.num_classes, use_bias=False)(x.reshape(x.shape[0], -1))
+
+
+# FedMD's ten parties (official code): (filters, dropout); 2 filters = 2 conv blocks.
+FEDMD_PARTIES = (
+    ((128, 256), 0.2), ((128, 384), 0.2), ((128, 512), 0.2), ((256, 256), 0.3),
+    ((256, 512), 0.4), ((64, 128, 256), 0.2), ((64, 128, 192), 0.2), ((128, 192, 256), 0.2),
+    ((128, 128, 128), 0.3), ((128, 128, 192), 0.3))
+# The same family at 1/8 of the filters: what a CPU trains in minutes.
+FEDMD_SMALL_SCALE = 8
+
+
+def _fedmd(filters, dropout, scale=1):
+  return lambda n: FedMDCNN(num_classes=n, filters=tuple(max(1, f // scale) for f in filters),
+                            dropout=dropout)
+
+
 # name -> (constructor, whether it needs (H, W, C) image inputs)
 MODELS: dict[str, tuple[Callable[[int], nn.Module], bool]] = {
     "logreg": (lambda n: LogReg(num_classes=n), False),
     "mlp": (lambda n: MLP(num_classes=n), False),
+    "mlp_small": (lambda n: MLP(num_classes=n, hidden=(100,)), False),
+    "mlp_wide": (lambda n: MLP(num_classes=n, hidden=(400, 400)), False),
     "cnn": (lambda n: CNN(num_classes=n), True),
     "lenet5": (lambda n: LeNet5(num_classes=n), True),
+    # fedmd_cnn2 / fedmd_cnn3: the two types; fedmd_p0 .. fedmd_p9: the ten parties;
+    # fedmd_small_p0 .. p9: the parties with 1/8 of the filters.
+    "fedmd_cnn2": (_fedmd((128, 256), 0.2), True),
+    "fedmd_cnn3": (_fedmd((64, 128, 256), 0.2), True),
+    **{f"fedmd_p{i}": (_fedmd(f, d), True) for i, (f, d) in enumerate(FEDMD_PARTIES)},
+    **{f"fedmd_small_p{i}": (_fedmd(f, d, FEDMD_SMALL_SCALE), True)
+       for i, (f, d) in enumerate(FEDMD_PARTIES)},
 }
+
+
+# Models with non-trainable state (batch norm statistics).
+STATEFUL_MODELS = frozenset(name for name in MODELS if name.startswith("fedmd_"))
 
 
 def build_model(name: str, num_classes: int, input_shape: tuple, field: str = "model") -> nn.Module:
@@ -100,9 +170,33 @@ def build_model(name: str, num_classes: int, input_shape: tuple, field: str = "m
   return make(num_classes)
 
 
+def init_variables(model: nn.Module, key: jax.Array, input_shape: tuple) -> dict:
+  """{"params": ...} plus any non-trainable collection (batch norm's "batch_stats")."""
+  return dict(model.init(key, jnp.zeros((1, *input_shape), jnp.float32)))
+
+
 def init_params(model: nn.Module, key: jax.Array, input_shape: tuple):
-  return model.init(key, jnp.zeros((1, *input_shape), jnp.float32))["params"]
+  return init_variables(model, key, input_shape)["params"]
 
 
-def apply_model(model: nn.Module, params, x: jax.Array) -> jax.Array:
-  return model.apply({"params": params}, x)
+def has_model_state(model: nn.Module, input_shape: tuple) -> bool:
+  """Whether the model has variables besides its parameters (batch norm statistics)."""
+  shapes = jax.eval_shape(lambda: init_variables(model, jax.random.PRNGKey(0), input_shape))
+  return any(k != "params" for k in shapes)
+
+
+def apply_model(model: nn.Module, params, x: jax.Array, model_state=None) -> jax.Array:
+  """Inference logits (dropout off, batch norm with its running statistics)."""
+  return model.apply({"params": params, **(model_state or {})}, x, train=False)
+
+
+def forward(model: nn.Module, params, model_state: dict, x: jax.Array, train: bool,
+            key: jax.Array) -> tuple[jax.Array, dict]:
+  """Logits and the new model state. In training, dropout draws from `key` and batch
+  norm uses (and folds into its running averages) the batch's statistics."""
+  if not train or not model_state:
+    rngs = {"dropout": key} if train else {}
+    return model.apply({"params": params, **model_state}, x, train=train, rngs=rngs), model_state
+  logits, updates = model.apply({"params": params, **model_state}, x, train=True,
+                                rngs={"dropout": key}, mutable=list(model_state))
+  return logits, dict(updates)

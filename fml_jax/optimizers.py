@@ -8,6 +8,7 @@ it, so we chain `add_decayed_weights` in front of `sgd`/`adam` the same way.
 from __future__ import annotations
 
 import flax.struct
+import jax
 import optax
 
 from fml_jax.errors import ConfigError
@@ -30,14 +31,28 @@ def make_optimizer(config) -> optax.GradientTransformation:
 
 @flax.struct.dataclass
 class TrainState:
-  """One model's parameters and its optimizer state."""
+  """One model's parameters, its optimizer state, and its non-trainable variables
+  (`model_state`: batch norm statistics; an empty dict for most models)."""
   params: object
   opt_state: object
+  model_state: dict = flax.struct.field(default_factory=dict)
 
   @classmethod
-  def create(cls, params, optimizer: optax.GradientTransformation) -> "TrainState":
-    return cls(params=params, opt_state=optimizer.init(params))
+  def create(cls, params, optimizer: optax.GradientTransformation,
+             model_state: dict | None = None) -> "TrainState":
+    return cls(params=params, opt_state=optimizer.init(params), model_state=model_state or {})
 
-  def apply_gradients(self, grads, optimizer: optax.GradientTransformation) -> "TrainState":
+  @classmethod
+  def from_variables(cls, variables: dict, optimizer: optax.GradientTransformation) -> "TrainState":
+    """From `models.init_variables`: params plus the other collections."""
+    return cls.create(variables["params"], optimizer,
+                      {k: v for k, v in variables.items() if k != "params"})
+
+  def apply_gradients(self, grads, optimizer: optax.GradientTransformation,
+                      lr_scale=1.0) -> "TrainState":
+    """One optimizer step. `lr_scale` multiplies the learning rate (for SGD and Adam
+    the update is linear in it, so scaling the update is the same thing)."""
     updates, opt_state = optimizer.update(grads, self.opt_state, self.params)
-    return TrainState(params=optax.apply_updates(self.params, updates), opt_state=opt_state)
+    if not (isinstance(lr_scale, float) and lr_scale == 1.0):
+      updates = jax.tree.map(lambda u: u * lr_scale, updates)
+    return self.replace(params=optax.apply_updates(self.params, updates), opt_state=opt_state)

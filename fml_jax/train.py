@@ -19,7 +19,7 @@ from absl import logging
 
 from fml_jax import config_checks, evaluation, outputs, preflight
 from fml_jax.checkpoints import Checkpointer
-from fml_jax.algorithms import build_algorithm
+from fml_jax.algorithms import build_algorithm, fedmd
 from fml_jax.data import FederatedData, load_federated_data
 from fml_jax.engine import Engine, RoundState, client_mesh
 from fml_jax.errors import UserError
@@ -38,10 +38,16 @@ def evaluate(engine: Engine, state: RoundState, data: FederatedData) -> dict:
   if global_model is not None:
     acc, loss = evaluation.evaluate_global(global_model[0], global_model[1], data)
     result.update(global_test_acc=float(acc), global_test_loss=float(loss))
-  accs, _ = evaluation.evaluate_personalized(
-      algorithm.personalized_model(state.server, state.population), data)
+  models = algorithm.personalized_models(state.server, state.population)
+  accs = evaluation.evaluate_all_personalized(models, data)
   result.update(local_test_acc_mean=float(accs.mean()), local_test_acc_min=float(accs.min()),
                 local_test_acc_max=float(accs.max()))
+  if algorithm.evaluates_clients_on_global_test:
+    # Each client's own model on the whole test distribution (FedMD, FedH2L aim at it).
+    accs = evaluation.evaluate_all_personalized(models, data, on_global_test=True)
+    result.update(client_global_test_acc_mean=float(accs.mean()),
+                  client_global_test_acc_min=float(accs.min()),
+                  client_global_test_acc_max=float(accs.max()))
   return result
 
 
@@ -96,6 +102,7 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
                   chunk_size=config.chunk_size, mesh=client_mesh(config.mesh_shape))
   data = engine.data   # replicated over the mesh, if there is one
   abstract_state = engine.abstract_state(config.seed)
+  traffic = engine.communication(abstract_state)   # bytes per round, from shapes
   memory = preflight.estimate_memory(engine, abstract_state)
   preflight.check_memory(memory, preflight.available_memory())
   checkpointer = None
@@ -112,8 +119,20 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
                       f"num_rounds={config.num_rounds}; raise num_rounds or use another workdir")
     if first_round:
       state = engine.place(state)
+  warm_record = None
   if not first_round:
     state = engine.init(config.seed)
+    if algorithm.has_warm_start:   # FedMD's transfer learning, before round 1
+      t0 = time.perf_counter()
+      state = engine.warm_start(state)
+      warm_record = {"round": 0, **evaluate(engine, state, data),
+                     "warm_start_seconds": time.perf_counter() - t0}
+      logging.info("after transfer learning (no collaboration): personalized acc %.4f, "
+                   "on the global test set %.4f (%.1f s)", warm_record["local_test_acc_mean"],
+                   warm_record.get("client_global_test_acc_mean", float("nan")),
+                   warm_record["warm_start_seconds"])
+      if config.algorithm == "fedmd" and config.fedmd_report_bounds:
+        write_fedmd_bounds(engine, data, warm_record, path / "bounds.json", config.seed)
   records = outputs.read_metrics(path, first_round) if resuming else []
   if (path / "summary.json").exists():
     (path / "summary.json").unlink()   # the run is being extended: no longer complete
@@ -126,6 +145,9 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
       f"; resuming after round {first_round}" if first_round else "")
   outputs.atomic_write_json(path / "config.json", config_dict)
   writer = outputs.MetricsWriter(path / "metrics.jsonl")
+  if warm_record is not None:
+    writer.write(warm_record)
+    records = [warm_record]
   round_seconds = []
   try:
     for r in range(first_round + 1, config.num_rounds + 1):
@@ -136,6 +158,8 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
       if r % config.eval_every == 0 or r == config.num_rounds:
         record = {"round": r, **evaluate(engine, state, data),
                   **{k: float(v) for k, v in report.metrics.items()},
+                  **traffic, "bytes_up_total": r * traffic["bytes_up"],
+                  "bytes_down_total": r * traffic["bytes_down"],
                   "round_seconds": round_seconds[-1],
                   "elapsed_seconds": time.perf_counter() - start}
         writer.write(record)
@@ -169,6 +193,22 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
   }
   outputs.atomic_write_json(path / "summary.json", summary)
   return summary
+
+
+def write_fedmd_bounds(engine: Engine, data: FederatedData, no_collaboration: dict, path,
+                       seed: int) -> None:
+  """FedMD's two reference points, in the metrics' format: each party after transfer
+  learning alone (no collaboration), and each party's architecture trained the same
+  way on every party's private data pooled."""
+  t0 = time.perf_counter()
+  pooled = engine.warm_start(engine.init(seed), rows=fedmd.pooled_rows(data))
+  bounds = {"no_collaboration": no_collaboration,
+            "pooled": {"round": 0, **evaluate(engine, pooled, data),
+                       "warm_start_seconds": time.perf_counter() - t0}}
+  outputs.atomic_write_json(path, bounds)
+  logging.info("pooled-data bound: personalized acc %.4f, on the global test set %.4f",
+               bounds["pooled"]["local_test_acc_mean"],
+               bounds["pooled"]["client_global_test_acc_mean"])
 
 
 def _best(records: list[dict], key: str):

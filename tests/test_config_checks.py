@@ -36,7 +36,7 @@ BAD = [
     (dict(clients_per_round=0), "clients_per_round", "outside [1, 30]"),
     (dict(algorithm="fedsgd"), "algorithm", "'fedsgd' is not one of fml, fedavg, fedprox, local"),
     (dict(model="resnet"), "model", "'resnet' is not one of"),
-    (dict(local_model="vgg"), "local_model", "'vgg' is not one of"),
+    (dict(local_models="mlp,vgg"), "local_models", "'vgg' is not one of"),
     (dict(dataset="mnist", partition="pathological"), "partition", "'pathological' is not one"),
     (dict(chunk_size=0), "chunk_size", "0 is outside [1, inf)"),
     (dict(mesh_shape=-1), "mesh_shape", "-1 is outside [0, inf)"),
@@ -117,7 +117,7 @@ def test_required_fields_are_all_in_default():
     dict(learning_rate=1),                          # an int is a number
     dict(dirichlet_min_examples=0, synthetic_max_client_examples=0),
     dict(synthetic_max_client_examples=2, synthetic_test_fraction=0.5),
-    dict(local_model="cnn", model="logreg"),        # shapes are checked later, with the data
+    dict(local_models="cnn", model="logreg"),        # shapes are checked later, with the data
     dict(dataset="mnist", partition="iid"),
     dict(dataset="cifar10", partition="shards", shards_per_client=5),
     dict(dataset="mnist", partition="dirichlet", dirichlet_alpha=1e-3),
@@ -184,11 +184,11 @@ def test_build_model_rejects_unfit_model(name, shape, needle):
   assert needle in str(e.value)
 
 
-def test_build_model_names_local_model_field():
+def test_build_model_names_local_models_field():
   with pytest.raises(ConfigError) as e:
-    build_model("cnn", 10, (60,), field="local_model")
-  assert e.value.field == "local_model"
-  assert str(e.value).startswith("config.local_model: ")
+    build_model("cnn", 10, (60,), field="local_models")
+  assert e.value.field == "local_models"
+  assert str(e.value).startswith("config.local_models: ")
 
 
 @pytest.mark.parametrize("name,shape", [

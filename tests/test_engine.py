@@ -68,13 +68,14 @@ def test_rounds_change_exactly_the_sampled_clients():
   config = small_config(algorithm="fml", clients_per_round=2)
   engine = make_engine(config, "vmap")
   before = jax.device_get(engine.init(config.seed))
-  cohort = jax.device_get(engine.begin_round(engine.init(config.seed), engine.data).clients.id)
+  (group,), _ = engine.begin_round(engine.init(config.seed), engine.data)
+  cohort = jax.device_get(group.clients.id)
   after, _ = engine.run_round(engine.init(config.seed))
   after = jax.device_get(after)
   assert len(set(cohort.tolist())) == 2
   changed = [c for c in range(config.num_clients)
-             if not np.allclose(before.population.params["Dense_0"]["kernel"][c],
-                                after.population.params["Dense_0"]["kernel"][c])]
+             if not np.allclose(before.population[0].params["Dense_0"]["kernel"][c],
+                                after.population[0].params["Dense_0"]["kernel"][c])]
   assert sorted(changed) == sorted(cohort.tolist())
 
 
@@ -104,10 +105,10 @@ def test_fml_meme_is_forked_and_memes_are_averaged_uniformly():
   config = small_config(algorithm="fml", clients_per_round=6)
   engine = make_engine(config, "vmap")
   state = engine.init(config.seed)
-  cohort = engine.begin_round(state, engine.data)
+  (cohort,), _ = engine.begin_round(state, engine.data)
   results = [engine.algorithm.client_update(
       state.server, jax.tree.map(lambda a: a[i], cohort.client_state),
-      jax.tree.map(lambda a: a[i], cohort.clients), engine.data) for i in range(6)]
+      jax.tree.map(lambda a: a[i], cohort.clients), engine.data, 0) for i in range(6)]
   want = jax.tree.map(lambda *m: np.mean(np.stack(m), 0), *[r.upload for r in results])
   new_state, _ = engine.run_round(state)
   assert_trees_close(new_state.server["params"], want)
@@ -117,9 +118,9 @@ def test_weighted_aggregation_weights_by_example_count():
   config = small_config(algorithm="fedavg", clients_per_round=6, aggregation="weighted")
   engine = make_engine(config, "sequential")
   state = engine.init(config.seed)
-  cohort = engine.begin_round(state, engine.data)
+  (cohort,), _ = engine.begin_round(state, engine.data)
   uploads = [engine.algorithm.client_update(
-      state.server, (), jax.tree.map(lambda a: a[i], cohort.clients), engine.data).upload
+      state.server, (), jax.tree.map(lambda a: a[i], cohort.clients), engine.data, 0).upload
              for i in range(6)]
   w = np.asarray(cohort.clients.train_n) / np.asarray(cohort.clients.train_n).sum()
   want = jax.tree.map(lambda *u: np.tensordot(w, np.stack(u), 1), *uploads)

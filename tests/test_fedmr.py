@@ -100,10 +100,10 @@ def test_recombination_preserves_the_mean_model():
   engine = make_engine(config, "sequential")
   state = engine.init(config.seed)
   state, _ = engine.run_round(state)
-  cohort = engine.begin_round(state, engine.data)
+  (cohort,), _ = engine.begin_round(state, engine.data)
   uploads = [engine.algorithm.client_update(state.server, (),
                                             jax.tree.map(lambda a: a[i], cohort.clients),
-                                            engine.data).upload["params"] for i in range(4)]
+                                            engine.data, 0).upload["params"] for i in range(4)]
   mean_trained = jax.tree.map(lambda *u: np.mean(np.stack(u), 0), *uploads)
   state, _ = engine.run_round(state)
   assert not slots_all_equal(state)

@@ -25,10 +25,10 @@ class FedAvg(Algorithm):
     self.optimizer = make_optimizer(config)
     self.prox_mu = 0.0
 
-  def init(self, key, num_clients):
-    return {"params": init_params(self.model, key, self.input_shape)}, ()
+  def init(self, key, group_sizes):
+    return {"params": init_params(self.model, key, self.input_shape)}, ((),)
 
-  def client_update(self, server_state, client_state, client, data):
+  def client_update(self, server_state, client_state, client, data, group):
     global_params = server_state["params"]
     regularizer = None
     if self.prox_mu:
@@ -44,9 +44,9 @@ class FedAvg(Algorithm):
   def global_model(self, server_state):
     return self.model, server_state["params"]
 
-  def personalized_model(self, server_state, population):
+  def personalized_models(self, server_state, population):
     # No personalization: every client is evaluated with the global model.
-    return PersonalizedModels(self.model, server_state["params"], per_client=False)
+    return [PersonalizedModels(self.model, server_state["params"], per_client=False)]
 
 
 class FedProx(FedAvg):

@@ -77,7 +77,7 @@ class FedMR(Algorithm):
     self.num_slots = config.clients_per_round
     self.keeps_optimizer_state = config.fedmr_optimizer_state != "reset"
 
-  def init(self, key, num_clients):
+  def init(self, key, group_sizes):
     params = init_params(self.model, key, self.input_shape)
     stack = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (self.num_slots, *x.shape)),
                                       tree)
@@ -85,9 +85,9 @@ class FedMR(Algorithm):
               "last_client": jnp.full((self.num_slots,), -1, jnp.int32)}
     if self.keeps_optimizer_state:
       server["opt_state"] = stack(self.optimizer.init(params))
-    return server, ()
+    return server, ((),)
 
-  def client_update(self, server_state, client_state, client, data):
+  def client_update(self, server_state, client_state, client, data, group):
     slot = lambda tree: jax.tree.map(lambda x: x[client.position], tree)
     params = slot(server_state["slots"])
     opt_state = (slot(server_state["opt_state"]) if self.keeps_optimizer_state
@@ -126,7 +126,12 @@ class FedMR(Algorithm):
   def global_model(self, server_state):
     return self.model, jax.tree.map(lambda s: jnp.mean(s, axis=0), server_state["slots"])
 
-  def personalized_model(self, server_state, population):
+  def broadcast(self, server_state):
+    # Each client downloads one slot (and its optimizer state, if it is kept).
+    one = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), tree)
+    return {k: one(v) for k, v in server_state.items() if k in ("slots", "opt_state")}
+
+  def personalized_models(self, server_state, population):
     # Each slot on the test split of the client that trained it last.
-    return PersonalizedModels(self.model, server_state["slots"], per_client=True,
-                              client_ids=server_state["last_client"])
+    return [PersonalizedModels(self.model, server_state["slots"], per_client=True,
+                               client_ids=server_state["last_client"])]

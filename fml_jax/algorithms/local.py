@@ -1,15 +1,18 @@
 """Local-only training: every client trains its own model and never communicates.
 
 The lower bound every collaborative method should beat. There is no global model.
+Clients may hold different architectures and tasks (`local_models`,
+`catfish_clients`, `client_tasks`), as FML's local models do, so the two compare
+like for like.
 """
 
 from __future__ import annotations
 
-import jax
+import jax.numpy as jnp
 
-from fml_jax.algorithms.base import Algorithm, ClientResult, PersonalizedModels, supervised_step
-from fml_jax.models import build_model, init_params
-from fml_jax.optimizers import TrainState, make_optimizer
+from fml_jax.algorithms import client_models
+from fml_jax.algorithms.base import Algorithm, ClientResult, supervised_step
+from fml_jax.optimizers import make_optimizer
 
 
 class LocalOnly(Algorithm):
@@ -17,19 +20,23 @@ class LocalOnly(Algorithm):
 
   def __init__(self, config, num_classes, input_shape):
     super().__init__(config, num_classes, input_shape)
-    self.model = build_model(config.local_model or config.model, num_classes, input_shape,
-                             "local_model")
+    self.group_of, self.groups = client_models.client_model_groups(
+        config, num_classes, input_shape, config.num_clients)
     self.optimizer = make_optimizer(config)
 
-  def init(self, key, num_clients):
-    def init_client(k):
-      return TrainState.create(init_params(self.model, k, self.input_shape), self.optimizer)
-    return (), jax.vmap(init_client)(jax.random.split(key, num_clients))
+  def client_groups(self, num_clients):
+    return self.group_of
 
-  def client_update(self, server_state, client_state, client, data):
-    step = supervised_step(self.model, self.optimizer)
+  def init(self, key, group_sizes):
+    return (), client_models.init_group_states(self.groups, self.group_of, key,
+                                               self.input_shape, self.optimizer)
+
+  def client_update(self, server_state, client_state, client, data, group):
+    task = self.groups[group].task
+    step = supervised_step(self.groups[group].model, self.optimizer,
+                           label_map=None if task.is_identity else jnp.asarray(task.label_map))
     state, metrics = self.train(step, client_state, client, data)
     return ClientResult(client_state=state, upload=(), metrics=metrics)
 
-  def personalized_model(self, server_state, population):
-    return PersonalizedModels(self.model, population.params, per_client=True)
+  def personalized_models(self, server_state, population):
+    return client_models.personalized(self.groups, self.group_of, population)

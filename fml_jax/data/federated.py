@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from fml_jax import tasks
 from fml_jax.data import partition, synthetic, tfds_source
 from fml_jax.errors import ConfigError
 
@@ -27,6 +28,9 @@ class FederatedData:
   train_n: jax.Array      # (num_clients,) int32 valid entries per row
   test_idx: jax.Array     # (num_clients, max_test) int32 rows into x_test: client test splits
   test_n: jax.Array
+  # The public set (FedMD) or seed set (FedH2L): (P, *input_shape), (P,); P may be 0.
+  x_public: jax.Array
+  y_public: jax.Array
   num_classes: int = struct.field(pytree_node=False)
   # Per-channel mean/std applied to uint8 inputs after scaling to [0, 1].
   input_mean: tuple = struct.field(pytree_node=False, default=())
@@ -71,16 +75,19 @@ def channel_statistics(images: np.ndarray) -> tuple[tuple, tuple]:
 
 
 def from_client_lists(x_train, y_train, x_test, y_test, train_parts, test_parts,
-                      num_classes: int) -> FederatedData:
+                      num_classes: int, x_public=None, y_public=None) -> FederatedData:
   """Builds the device-resident dataset from numpy arrays and per-client index lists."""
   train_idx, train_n = index_table(train_parts)
   test_idx, test_n = index_table(test_parts)
   mean, std = channel_statistics(x_train) if x_train.dtype == np.uint8 else ((), ())
+  if x_public is None:
+    x_public, y_public = x_train[:0], y_train[:0]
   return FederatedData(
       x_train=jnp.asarray(x_train), y_train=jnp.asarray(y_train, jnp.int32),
       x_test=jnp.asarray(x_test), y_test=jnp.asarray(y_test, jnp.int32),
       train_idx=jnp.asarray(train_idx), train_n=jnp.asarray(train_n),
       test_idx=jnp.asarray(test_idx), test_n=jnp.asarray(test_n),
+      x_public=jnp.asarray(x_public), y_public=jnp.asarray(y_public, jnp.int32),
       num_classes=num_classes, input_mean=mean, input_std=std)
 
 
@@ -100,9 +107,10 @@ def _synthetic(config) -> FederatedData:
     train_parts.append(np.arange(n_train, n_train + len(kept)))
     test_parts.append(np.arange(n_test, n_test + len(held)))
     n_train += len(kept); n_test += len(held)
-  return from_client_lists(np.concatenate(train_x), np.concatenate(train_y),
-                           np.concatenate(test_x), np.concatenate(test_y),
-                           train_parts, test_parts, synthetic.NUM_CLASSES)
+  x_train, y_train = np.concatenate(train_x), np.concatenate(train_y)
+  x_test, y_test = np.concatenate(test_x), np.concatenate(test_y)
+  return _finish(config, x_train, y_train, x_test, y_test, train_parts, test_parts,
+                 synthetic.NUM_CLASSES, rng)
 
 
 def partition_train_set(config, labels: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
@@ -123,9 +131,66 @@ def load_federated_data(config) -> FederatedData:
   if config.dataset == "synthetic":
     return _synthetic(config)
   ds = tfds_source.load_image_dataset(config.dataset, config.data_dir)
+  x_train, y_train, x_test, y_test = ds.x_train, ds.y_train, ds.x_test, ds.y_test
+  num_classes = ds.num_classes
+  public = None
+  private_classes = _private_classes(config, num_classes)
+  if config.get("public_dataset", ""):
+    public = tfds_source.load_image_dataset(config.public_dataset, config.data_dir)
+    if public.x_train.shape[1:] != x_train.shape[1:]:
+      raise ConfigError("public_dataset", f"'{config.public_dataset}' has inputs of shape "
+                        f"{public.x_train.shape[1:]}, '{config.dataset}' {x_train.shape[1:]}; "
+                        "they must match")
+  if private_classes is not None or public is not None:
+    # Keep the private classes only; after a public dataset's classes, relabelled
+    # num_public + rank (FedMD's official label space).
+    keep = np.arange(num_classes) if private_classes is None else private_classes
+    offset = public.num_classes if public is not None else 0
+    relabel = np.full(num_classes, -1)
+    relabel[keep] = offset + (np.arange(len(keep)) if public is not None else keep)
+    train_rows, test_rows = np.isin(y_train, keep), np.isin(y_test, keep)
+    x_train, y_train = x_train[train_rows], relabel[y_train[train_rows]]
+    x_test, y_test = x_test[test_rows], relabel[y_test[test_rows]]
+    num_classes = offset + (len(keep) if public is not None else num_classes)
   rng = np.random.default_rng(config.seed)
-  train_parts = partition_train_set(config, ds.y_train, rng)
-  test_parts = partition.matching_test_split([ds.y_train[p] for p in train_parts], ds.y_test,
-                                             ds.num_classes, rng)
-  return from_client_lists(ds.x_train, ds.y_train, ds.x_test, ds.y_test, train_parts, test_parts,
-                           ds.num_classes)
+  train_parts = partition_train_set(config, y_train, rng)
+  test_parts = partition.matching_test_split([y_train[p] for p in train_parts], y_test,
+                                             num_classes, rng)
+  return _finish(config, x_train, y_train, x_test, y_test, train_parts, test_parts, num_classes,
+                 rng, public)
+
+
+def _private_classes(config, num_classes: int):
+  text = str(config.get("private_classes", "")).strip()
+  if not text:
+    return None
+  return np.asarray(sorted(set(tasks.parse_task(f"subset_{text}", num_classes,
+                                                "private_classes").classes)))
+
+
+def _finish(config, x_train, y_train, x_test, y_test, train_parts, test_parts, num_classes,
+            rng, public=None) -> FederatedData:
+  """Holds out the public/seed slice, filters clients' data to their tasks, builds."""
+  x_public = y_public = None
+  if public is not None:
+    rows = (np.arange(len(public.y_train)) if not config.public_size else
+            partition.draw_examples(public.y_train, config.public_size, config.public_balanced,
+                                    public.num_classes, rng))
+    x_public, y_public = public.x_train[rows], public.y_train[rows]
+  elif config.get("public_size", 0):
+    rows = partition.draw_examples(y_train, config.public_size, config.public_balanced,
+                                   num_classes, rng)
+    train_parts = partition.remove_examples(train_parts, rows, "public_size")
+    x_public, y_public = x_train[rows], y_train[rows]
+  client_tasks = tasks.client_tasks(config, num_classes, len(train_parts))
+  if any(not np.all(np.asarray(t.label_map) >= 0) for t in client_tasks):
+    # A client whose task is a subset of the classes holds only those classes' examples.
+    in_task = lambda idx, labels, t: idx[np.asarray(t.label_map)[labels[idx]] >= 0]
+    train_parts = [in_task(p, y_train, t) for p, t in zip(train_parts, client_tasks)]
+    test_parts = [in_task(p, y_test, t) for p, t in zip(test_parts, client_tasks)]
+    empty = [i for i, p in enumerate(train_parts) if len(p) == 0]
+    if empty:
+      raise ConfigError("client_tasks", f"clients {empty[:5]} have no training examples of "
+                        "their task's classes; use a less skewed partition or other tasks")
+  return from_client_lists(x_train, y_train, x_test, y_test, train_parts, test_parts,
+                           num_classes, x_public, y_public)

@@ -105,3 +105,32 @@ def matching_test_split(client_train_labels: list[np.ndarray], test_labels: np.n
               for c, n in enumerate(counts) if n > 0 and len(pools[c]) > 0]
     splits.append(np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64))
   return splits
+
+
+def draw_examples(labels: np.ndarray, size: int, balanced: bool, num_classes: int,
+                  rng: np.random.Generator) -> np.ndarray:
+  """`size` distinct example indices: equal counts per class (`balanced`; the first
+  classes take the remainder, a class short of examples gives what it has) or uniform."""
+  if size > len(labels):
+    raise ConfigError("public_size", f"{size} examples asked for, the split has {len(labels)}")
+  if not balanced:
+    return np.sort(rng.choice(len(labels), size, replace=False))
+  pools = [rng.permutation(np.flatnonzero(labels == c)) for c in range(num_classes)]
+  counts = np.full(num_classes, size // num_classes)
+  counts[:size % num_classes] += 1
+  picked = [pool[:n] for pool, n in zip(pools, counts)]
+  short = size - sum(len(p) for p in picked)
+  if short:   # fill from whatever is left, uniformly
+    rest = np.concatenate([pool[n:] for pool, n in zip(pools, counts)])
+    picked.append(rng.choice(rest, short, replace=False))
+  return np.sort(np.concatenate(picked))
+
+
+def remove_examples(parts: list[np.ndarray], removed: np.ndarray, field: str) -> list[np.ndarray]:
+  """Each client's indices without `removed`; refuses to leave a client empty."""
+  kept = [np.setdiff1d(p, removed) for p in parts]
+  empty = [i for i, p in enumerate(kept) if len(p) == 0]
+  if empty:
+    raise ConfigError(field, f"holding these examples out leaves clients {empty[:5]} with no "
+                      "training data; hold out fewer or use fewer clients")
+  return kept

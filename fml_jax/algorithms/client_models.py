@@ -1,0 +1,88 @@
+"""Which private model each client holds: architecture (`local_models`, the catfish)
+and task (`client_tasks`). Clients with the same (architecture, task) form one
+architecture group, whose states the engine keeps as one stacked pytree.
+
+  local_models     "mlp,cnn": assigned round-robin (client i gets entry i % n); a
+                   list of num_clients entries is an explicit per-client choice;
+                   "" = the global `model`.
+  catfish_clients  "0" or "0,3": these clients' local model is `catfish_model`
+                   instead (FML's "catfish effect" experiment).
+  client_tasks     "full,parity": each client's task, assigned the same way
+                   (see fml_jax/tasks.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from fml_jax import tasks
+from fml_jax.algorithms.base import PersonalizedModels, assign_to_clients, groups_of, split_list
+from fml_jax.errors import ConfigError
+from fml_jax.models import build_model, init_variables
+from fml_jax.optimizers import TrainState
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientModelGroup:
+  model_name: str
+  task: tasks.Task
+  model: nn.Module
+
+
+def local_model_names(config, num_clients: int) -> list[str]:
+  names = assign_to_clients(split_list(config.local_models) or [config.model], num_clients,
+                            "local_models")
+  for text in split_list(config.catfish_clients):
+    try:
+      client = int(text)
+    except ValueError:
+      raise ConfigError("catfish_clients", f"'{text}' is not a client id") from None
+    if not 0 <= client < num_clients:
+      raise ConfigError("catfish_clients", f"client {client} does not exist; ids are "
+                        f"0..{num_clients - 1}")
+    names[client] = config.catfish_model
+  return names
+
+
+def client_model_groups(config, num_classes: int, input_shape: tuple,
+                        num_clients: int) -> tuple[np.ndarray, list[ClientModelGroup]]:
+  """((num_clients,) group of each client, the groups)."""
+  names = local_model_names(config, num_clients)
+  client_tasks = tasks.client_tasks(config, num_classes, num_clients)
+  group_of, keys = groups_of(list(zip(names, client_tasks)))
+  catfish = {names[int(c)] for c in split_list(config.catfish_clients)}
+
+  def build(name, task):
+    field = "catfish_model" if name in catfish else "local_models"
+    return ClientModelGroup(name, task, build_model(name, task.num_outputs, input_shape, field))
+
+  groups = [build(name, task) for name, task in keys]
+  return group_of, groups
+
+
+def init_group_states(groups: list[ClientModelGroup], group_of: np.ndarray, key: jax.Array,
+                      input_shape: tuple, optimizer) -> tuple:
+  """Every client's fresh local TrainState, stacked per group. Client i's model is
+  initialized from key i of one split, whatever group it is in."""
+  keys = jax.random.split(key, len(group_of))
+  states = []
+  for g, group in enumerate(groups):
+    members = np.flatnonzero(group_of == g)
+    init = lambda k, m=group.model: TrainState.from_variables(init_variables(m, k, input_shape),
+                                                              optimizer)
+    states.append(jax.vmap(init)(keys[members]))
+  return tuple(states)
+
+
+def personalized(groups: list[ClientModelGroup], group_of: np.ndarray,
+                 population: tuple) -> list[PersonalizedModels]:
+  """Each client's local model on its own test split, with its task's labels."""
+  return [PersonalizedModels(
+      g.model, state.params, per_client=True, client_ids=np.flatnonzero(group_of == i),
+      model_state=state.model_state or None,
+      label_map=None if g.task.is_identity else np.asarray(g.task.label_map))
+          for i, (g, state) in enumerate(zip(groups, population))]

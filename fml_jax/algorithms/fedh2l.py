@@ -1,0 +1,141 @@
+"""FedH2L: decentralized mutual distillation on a shared seed set (Li et al. 2021).
+
+Participants have their own architectures (`local_models`, grouped) and private
+non-IID data, and never share parameters or gradients. What they share is their
+posteriors on a small **seed set** held out from the training data
+(`public_size` examples, `public_balanced` for equal counts per class).
+
+The paper's exact objective could not be read (ALGORITHMS.md), so this is our
+design, every choice a setting:
+
+  each round, every participant
+    1. computes its posteriors softmax(logits / T) on the whole seed set (inference
+       mode) and sends them to its peers: `h2l_topology` = full (everyone), ring
+       (the previous and next participant in cohort order) or random_k (`h2l_peers`
+       peers drawn anew each round);
+    2. trains `local_epochs` on its private data; every step adds, on a random batch
+       of the seed set, `h2l_distill_weight` * KL(mean of its peers' posteriors ||
+       its own posteriors at temperature T) and, with `h2l_seed_ce`, cross-entropy on
+       the seed labels.
+
+There is no server: `exchange` only routes each participant the mean of what its
+peers sent (one matrix product over the cohort), and nothing is averaged.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from fml_jax import losses
+from fml_jax.algorithms import client_models
+from fml_jax.algorithms.base import Algorithm, ClientResult
+from fml_jax.models import apply_model, forward
+from fml_jax.optimizers import make_optimizer
+
+TOPOLOGIES = ("full", "ring", "random_k")
+
+
+def peer_matrix(topology: str, num: int, key: jax.Array, peers: int = 2) -> jax.Array:
+  """(num, num) float32: row i is 1/deg on participant i's peers, 0 elsewhere (and on
+  the diagonal)."""
+  eye = jnp.eye(num, dtype=bool)
+  if topology == "full":
+    adjacency = ~eye
+  elif topology == "ring":
+    i = jnp.arange(num)
+    adjacency = jnp.zeros((num, num), bool).at[i, (i + 1) % num].set(True).at[
+        i, (i - 1) % num].set(True) & ~eye
+  else:   # random_k: each row draws `peers` others
+    scores = jnp.where(eye, 2.0, jax.random.uniform(key, (num, num)))
+    adjacency = jnp.argsort(jnp.argsort(scores, axis=1), axis=1) < peers
+  adjacency = adjacency.astype(jnp.float32)
+  return adjacency / jnp.maximum(adjacency.sum(axis=1, keepdims=True), 1.0)
+
+
+def out_degree(topology: str, num: int, peers: int) -> int:
+  """How many peers each participant sends its posteriors to (the same for all)."""
+  if num == 1:
+    return 0
+  return {"full": num - 1, "ring": min(2, num - 1), "random_k": peers}[topology]
+
+
+class FedH2L(Algorithm):
+  name = "fedh2l"
+  exchanges_messages = True
+  evaluates_clients_on_global_test = True
+
+  def __init__(self, config, num_classes, input_shape):
+    super().__init__(config, num_classes, input_shape)
+    self.group_of, self.groups = client_models.client_model_groups(
+        config, num_classes, input_shape, config.num_clients)
+    self.optimizer = make_optimizer(config)
+
+  def client_groups(self, num_clients):
+    return self.group_of
+
+  def init(self, key, group_sizes):
+    return {}, client_models.init_group_states(self.groups, self.group_of, key, self.input_shape,
+                                               self.optimizer)
+
+  def prepare_round(self, server_state, context, data):
+    c = self.config
+    return {"peers": peer_matrix(c.h2l_topology, context.clients.id.shape[0], context.key,
+                                 c.h2l_peers)}
+
+  def client_message(self, server_state, client_state, client, data, group):
+    """Posteriors on the whole seed set (inference mode)."""
+    logits = apply_model(self.groups[group].model, client_state.params,
+                         data.normalize(data.x_public), client_state.model_state)
+    return jax.nn.softmax(logits / self.config.h2l_temperature)
+
+  def exchange(self, server_state, messages, context):
+    # Row i: the mean of the posteriors participant i received from its peers.
+    targets = jnp.einsum("ij,jsc->isc", server_state["peers"], messages)
+    return {**server_state, "targets": targets}
+
+  def client_update(self, server_state, client_state, client, data, group):
+    c = self.config
+    model = self.groups[group].model
+    target = server_state["targets"][client.position]   # (seed, classes)
+    seed_size = data.x_public.shape[0]
+    seed_batch = min(c.batch_size, seed_size)
+
+    def step(state, x, y, mask, key):
+      seed_key, private_key, key = jax.random.split(key, 3)
+      rows = jax.random.choice(seed_key, seed_size, (seed_batch,), replace=False)
+      seed_x = data.normalize(data.x_public[rows])
+
+      def loss_fn(params):
+        # Private and seed examples in one forward pass (one batch norm batch).
+        logits, model_state = forward(model, params, state.model_state,
+                                      jnp.concatenate([x, seed_x]), True, private_key)
+        private, seed = logits[:x.shape[0]], logits[x.shape[0]:]
+        ce = losses.cross_entropy(private, y, mask)
+        full = jnp.ones(seed_batch, bool)
+        distill = losses.kl_from_log_probs(jnp.log(jnp.maximum(target[rows], 1e-12)),
+                                           jax.nn.log_softmax(seed / c.h2l_temperature), full)
+        loss = ce + c.h2l_distill_weight * distill
+        if c.h2l_seed_ce:
+          loss = loss + losses.cross_entropy(seed, data.y_public[rows], full)
+        return loss, (model_state, ce, distill)
+
+      (loss, (model_state, ce, distill)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          state.params)
+      state = state.apply_gradients(grads, self.optimizer).replace(model_state=model_state)
+      return state, {"train_loss": loss, "train_ce": ce, "distill_loss": distill}
+
+    state, metrics = self.train(step, client_state, client, data)
+    return ClientResult(client_state=state, upload=(), metrics=metrics)
+
+  def server_update(self, server_state, uploads, context):
+    return {}   # nothing persists between rounds: there is no server
+
+  def communication(self, server_shapes, upload_bytes, message_bytes, cohort_size):
+    # Peer to peer: every participant sends its posteriors to each of its peers, and
+    # receives as many; counted once as sent (up) and once as received (down).
+    degree = out_degree(self.config.h2l_topology, cohort_size, self.config.h2l_peers)
+    return {"bytes_up": message_bytes * degree, "bytes_down": message_bytes * degree}
+
+  def personalized_models(self, server_state, population):
+    return client_models.personalized(self.groups, self.group_of, population)
