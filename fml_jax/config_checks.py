@@ -29,7 +29,8 @@ REQUIRED_FIELDS = (
     "fedmr_optimizer_state", "checkpoint_every", "checkpoints_to_keep", "chunk_size",
     "mesh_shape", "catfish_clients", "catfish_model", "client_tasks", "alpha_schedule",
     "beta_schedule", "lr_schedule", "schedule_step_rounds", "schedule_stop_round",
-    "public_dataset", "public_size", "public_balanced", "private_classes",
+    "public_dataset", "public_size", "public_balanced", "public_classes", "private_classes",
+    "client_max_examples",
     "fedmd_public_epochs", "fedmd_private_epochs", "fedmd_early_stopping",
     "fedmd_alignment_size", "fedmd_digest_loss", "fedmd_digest_temperature",
     "fedmd_digest_epochs", "fedmd_digest_batch_size", "fedmd_report_bounds", "h2l_topology",
@@ -92,7 +93,7 @@ def validate(config) -> None:
     schedules.to_table(config[f"{kind}_schedule"], kind, base[kind])
   _choice(config, "fedmd_digest_loss", fedmd.DIGEST_LOSSES)
   _choice(config, "h2l_topology", fedh2l.TOPOLOGIES)
-  for field in ("public_size", "fedmd_public_epochs", "fedmd_private_epochs",
+  for field in ("public_size", "client_max_examples", "fedmd_public_epochs", "fedmd_private_epochs",
                 "fedmd_digest_epochs"):
     _number(config, field, 0, integer=True)
   for field in ("fedmd_alignment_size", "fedmd_digest_batch_size", "h2l_peers"):

@@ -32,7 +32,7 @@ import numpy as np
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fml_jax.algorithms.base import Algorithm, ClientInfo, ClientResult, RoundContext, tree_bytes
+from fml_jax.algorithms.base import Algorithm, ClientInfo, RoundContext, tree_bytes
 from fml_jax.data import FederatedData
 from fml_jax.errors import ConfigError
 
@@ -207,8 +207,7 @@ class Engine:
       compiled = [self._vmap_round.lower(state_like, self.data).compile()]
       self._vmap_round = compiled[0]
     else:
-      cohorts, context = jax.eval_shape(self.begin_round, state_like, self.data)
-      server = jax.eval_shape(self.algorithm.prepare_round, state_like.server, context, self.data)
+      cohorts, _, server, _ = self.round_shapes(state_like)
       compiled = []
       for g, cohort in enumerate(cohorts):
         one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), cohort)
@@ -415,18 +414,25 @@ class Engine:
       return self.sequential_round(state)
     return self._vmap_round(state, self.data)
 
-  def communication(self, state_like: RoundState) -> dict:
-    """Bytes sent up (clients to server or peers) and down per round, from shapes."""
+  def round_shapes(self, state_like: RoundState):
+    """Shapes inside a round: (cohorts, context, the server state the client updates
+    see, the messages per group), without computing anything."""
     cohorts, context = jax.eval_shape(self.begin_round, state_like, self.data)
     server = jax.eval_shape(self.algorithm.prepare_round, state_like.server, context, self.data)
-    per_group = lambda fn: [jax.eval_shape(
-        lambda s, c, g=g: self._map_group(fn, s, c, self.data, g), server, cohort)
-        for g, cohort in enumerate(cohorts)]
     messages = []
     if self.algorithm.exchanges_messages:
-      messages = per_group(self.algorithm.client_message)
+      messages = [jax.eval_shape(
+          lambda s, c, g=g: self._map_group(self.algorithm.client_message, s, c, self.data, g),
+          server, cohort) for g, cohort in enumerate(cohorts)]
       server = jax.eval_shape(lambda s, m, c: self.algorithm.exchange(s, concat_clients(m), c),
                               server, messages, context)
-    uploads = [r.upload for r in per_group(self.algorithm.client_update)]
+    return cohorts, context, server, messages
+
+  def communication(self, state_like: RoundState) -> dict:
+    """Bytes sent up (clients to server or peers) and down per round, from shapes."""
+    cohorts, _, server, messages = self.round_shapes(state_like)
+    uploads = [jax.eval_shape(
+        lambda s, c, g=g: self._map_group(self.algorithm.client_update, s, c, self.data, g),
+        server, cohort).upload for g, cohort in enumerate(cohorts)]
     return self.algorithm.communication(server, tree_bytes(uploads), tree_bytes(messages),
                                         self.clients_per_round)

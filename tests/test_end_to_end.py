@@ -89,3 +89,52 @@ def test_fml_mnist_two_shards_personalized_far_above_chance(tmp_path):
   # Each client sees about 2 classes: chance on its own test split is about 0.5.
   assert summary["final"]["local_test_acc_mean"] > 0.9
   assert summary["final"]["local_test_acc_min"] > 0.7
+
+
+@requires_mnist
+def test_fml_with_heterogeneous_local_models_beats_local_only(tmp_path):
+  """The DOM claim at CI size: 10 clients on a Dirichlet(0.1) MNIST split with at most
+  100 examples each, three local architectures; after 50 rounds FML's local models
+  beat the same models trained alone (measured: 0.937 vs 0.931, see the issue note)."""
+  from fml_jax.configs import fml_dom
+  summaries = {}
+  for algorithm in ("fml", "local"):
+    c = fml_dom.get_config()
+    c.update(algorithm=algorithm, data_dir=SHARED_TFDS, client_max_examples=100,
+             local_models="mlp_small,mlp,mlp_wide", num_rounds=50, eval_every=50,
+             checkpoint_every=0)
+    summaries[algorithm] = train.run(c, str(tmp_path / algorithm))["final"]
+  fml, local = summaries["fml"], summaries["local"]
+  assert fml["local_test_acc_mean"] > local["local_test_acc_mean"] + 0.003
+  assert fml["local_test_acc_min"] > local["local_test_acc_min"]
+  assert fml["global_test_acc"] > 0.8
+  # Bytes: 10 memes of the 784-200-200-10 MLP up and the global model down, each round.
+  mlp_bytes = 4 * (784 * 200 + 200 + 200 * 200 + 200 + 200 * 10 + 10)
+  assert fml["bytes_up"] == fml["bytes_down"] == 10 * mlp_bytes
+  assert fml["bytes_up_total"] == 50 * 10 * mlp_bytes
+  assert local["bytes_up"] == local["bytes_down"] == 0
+
+
+@requires_mnist
+def test_fedmd_parties_beat_their_no_collaboration_accuracy(tmp_path):
+  """configs/fedmd.py at CI size: 4 parties (two MLP architectures), public digits 0-4,
+  50 private images of digits 5-9 each."""
+  from fml_jax.configs import fedmd
+  c = fedmd.get_config()
+  c.update(data_dir=SHARED_TFDS, local_models="mlp_small,mlp", num_clients=4,
+           clients_per_round=4, client_max_examples=50, public_size=2000,
+           fedmd_alignment_size=500, fedmd_public_epochs=2, fedmd_private_epochs=10,
+           fedmd_digest_batch_size=64, num_rounds=4, checkpoint_every=0)
+  summary = train.run(c, str(tmp_path))
+  metrics = read_metrics(tmp_path)
+  bounds = json.load(open(tmp_path / "bounds.json"))
+  alone, pooled, final = bounds["no_collaboration"], bounds["pooled"], summary["final"]
+  assert [m["round"] for m in metrics] == [0, 1, 2, 3, 4]
+  assert metrics[0] == alone
+  # Private task: digits 5-9; every party's model on the whole private test set.
+  assert final["client_global_test_acc_mean"] > alone["client_global_test_acc_mean"] + 0.03
+  assert final["local_test_acc_mean"] > alone["local_test_acc_mean"]
+  assert pooled["client_global_test_acc_mean"] > final["client_global_test_acc_mean"]
+  # 500 alignment logits (10 classes, float32) per party up; consensus + indices down.
+  assert final["bytes_up"] == 4 * 500 * 10 * 4
+  assert final["bytes_down"] == 4 * 500 * (10 * 4 + 4)

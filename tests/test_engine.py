@@ -64,6 +64,64 @@ def test_vmap_equals_sequential(algorithm):
   assert_trees_close(seq_metrics, vmap_metrics)
 
 
+# Two or more architecture groups per algorithm (FML also with tasks and a catfish).
+GROUPED = {
+    "fml": dict(algorithm="fml", local_models="mlp,mlp_small", client_tasks="full,parity,full",
+                catfish_clients="5", catfish_model="logreg", clients_per_round=5,
+                alpha_schedule="0:0.7,1:0.4"),
+    "local": dict(algorithm="local", local_models="mlp_small,logreg",
+                  client_tasks="subset_0-6,full"),
+    "fedmd": dict(algorithm="fedmd", local_models="mlp,mlp_small", public_size=60,
+                  fedmd_alignment_size=30, fedmd_public_epochs=2, fedmd_private_epochs=1,
+                  fedmd_digest_batch_size=16, local_epochs=1, optimizer="adam",
+                  learning_rate=1e-3, weight_decay=0.0, momentum=0.0),
+    "fedh2l": dict(algorithm="fedh2l", local_models="mlp,mlp_small,logreg", public_size=40,
+                   clients_per_round=6, h2l_topology="random_k", h2l_peers=2,
+                   h2l_seed_ce=True),
+}
+
+
+def run_grouped_rounds(config, strategy, rounds):
+  engine = make_engine(config, strategy)
+  state = engine.warm_start(engine.init(config.seed))
+  history = []
+  for _ in range(rounds):
+    state, report = engine.run_round(state)
+    assert bool(report.all_finite)
+    history.append(jax.device_get(report.metrics))
+  return engine, jax.device_get(state), history
+
+
+@pytest.mark.parametrize("name", list(GROUPED))
+def test_vmap_equals_sequential_with_architecture_groups(name):
+  config = small_config(**GROUPED[name])
+  engine, seq_state, seq_metrics = run_grouped_rounds(config, "sequential", 2)
+  assert engine.num_groups >= 2
+  _, vmap_state, vmap_metrics = run_grouped_rounds(config, "vmap", 2)
+  assert_trees_close(seq_state.server, vmap_state.server)
+  assert_trees_close(seq_state.population, vmap_state.population)
+  assert_trees_close(seq_metrics, vmap_metrics)
+
+
+def test_groups_sample_their_share_and_only_the_sampled_clients_change():
+  config = small_config(algorithm="local", local_models="mlp_small,logreg", clients_per_round=4)
+  engine = make_engine(config, "vmap")
+  before = jax.device_get(engine.init(config.seed))
+  cohorts, context = engine.begin_round(engine.init(config.seed), engine.data)
+  ids = [np.asarray(c.clients.id) for c in cohorts]
+  # Round robin: even clients are mlp_small, odd ones logreg; two of each per round.
+  assert [len(i) for i in ids] == [2, 2]
+  assert np.all(ids[0] % 2 == 0) and np.all(ids[1] % 2 == 1)
+  np.testing.assert_array_equal(np.asarray(context.clients.id), np.concatenate(ids))
+  after, _ = engine.run_round(engine.init(config.seed))
+  after = jax.device_get(after)
+  for g, members in enumerate(engine.members):
+    kernel = lambda s: jax.tree.leaves(s.population[g].params)[-1]
+    changed = [int(m) for row, m in enumerate(members)
+               if not np.allclose(kernel(before)[row], kernel(after)[row])]
+    assert sorted(changed) == sorted(ids[g].tolist())
+
+
 def test_rounds_change_exactly_the_sampled_clients():
   config = small_config(algorithm="fml", clients_per_round=2)
   engine = make_engine(config, "vmap")

@@ -23,6 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.dirichlet_alpha = 0.5
   c.dirichlet_min_examples = 10   # redraw a Dirichlet split until every client has this many
   c.shards_per_client = 2
+  c.client_max_examples = 0       # keep at most this many training examples per client (0: all)
   c.synthetic_alpha = 1.0         # Synthetic(a, b): spread of the clients' models
   c.synthetic_beta = 1.0          # ... and of their inputs
   c.synthetic_test_fraction = 0.2 # each synthetic client's held-out share
@@ -68,6 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.public_dataset = ""           # "" = a held-out slice of the train split; or a tfds name
   c.public_size = 0               # held-out examples (0: none); with public_dataset: 0 = all
   c.public_balanced = True        # draw the held-out slice with equal counts per class
+  c.public_classes = ""           # the held-out slice from these classes only ("" all), e.g. "0-4"
   c.private_classes = ""          # FedMD: private data restricted to these classes ("" all),
                                   # e.g. "0-4" or "1.3.5"; relabelled after the public classes
                                   # when public_dataset is another dataset

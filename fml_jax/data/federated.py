@@ -126,62 +126,84 @@ def partition_train_set(config, labels: np.ndarray, rng: np.random.Generator) ->
 
 
 def load_federated_data(config) -> FederatedData:
-  """The dataset named by `config.dataset`, partitioned among `config.num_clients`."""
+  """The dataset named by `config.dataset`, partitioned among `config.num_clients`.
+
+  With a public set (FedMD) or seed set (FedH2L) it is `public_size` examples held
+  out of the train split before partitioning (from `public_classes` only, if set),
+  or another tfds dataset (`public_dataset`). `private_classes` restricts the
+  clients' data (and the global test set) to those classes; after another public
+  dataset's classes they are relabelled num_public + rank, FedMD's label space.
+  """
   partition.check_partition_fits_dataset(config.dataset, config.partition)
   if config.dataset == "synthetic":
     return _synthetic(config)
   ds = tfds_source.load_image_dataset(config.dataset, config.data_dir)
   x_train, y_train, x_test, y_test = ds.x_train, ds.y_train, ds.x_test, ds.y_test
   num_classes = ds.num_classes
-  public = None
-  private_classes = _private_classes(config, num_classes)
+  public_rng = np.random.default_rng([config.seed, 2])   # the partition's rng stays as it was
+  x_public = y_public = None
+  offset = 0   # where the private labels start
   if config.get("public_dataset", ""):
     public = tfds_source.load_image_dataset(config.public_dataset, config.data_dir)
     if public.x_train.shape[1:] != x_train.shape[1:]:
       raise ConfigError("public_dataset", f"'{config.public_dataset}' has inputs of shape "
                         f"{public.x_train.shape[1:]}, '{config.dataset}' {x_train.shape[1:]}; "
                         "they must match")
-  if private_classes is not None or public is not None:
-    # Keep the private classes only; after a public dataset's classes, relabelled
-    # num_public + rank (FedMD's official label space).
-    keep = np.arange(num_classes) if private_classes is None else private_classes
-    offset = public.num_classes if public is not None else 0
+    pool = _rows_of_classes(public.y_train, _classes(config, "public_classes", public.num_classes))
+    if config.public_size:
+      pool = pool[partition.draw_examples(public.y_train[pool], config.public_size,
+                                          config.public_balanced, public.num_classes, public_rng)]
+    x_public, y_public = public.x_train[pool], public.y_train[pool]
+    offset = public.num_classes
+  elif config.get("public_size", 0):
+    pool = _rows_of_classes(y_train, _classes(config, "public_classes", num_classes))
+    held = pool[partition.draw_examples(y_train[pool], config.public_size,
+                                        config.public_balanced, num_classes, public_rng)]
+    x_public, y_public = x_train[held], y_train[held]
+    rest = np.setdiff1d(np.arange(len(y_train)), held)
+    x_train, y_train = x_train[rest], y_train[rest]
+  private = _classes(config, "private_classes", num_classes)
+  if private is not None or offset:
+    keep = np.arange(num_classes) if private is None else private
     relabel = np.full(num_classes, -1)
-    relabel[keep] = offset + (np.arange(len(keep)) if public is not None else keep)
+    relabel[keep] = offset + np.arange(len(keep)) if offset else keep
     train_rows, test_rows = np.isin(y_train, keep), np.isin(y_test, keep)
     x_train, y_train = x_train[train_rows], relabel[y_train[train_rows]]
     x_test, y_test = x_test[test_rows], relabel[y_test[test_rows]]
-    num_classes = offset + (len(keep) if public is not None else num_classes)
+    num_classes = offset + len(keep) if offset else num_classes
   rng = np.random.default_rng(config.seed)
   train_parts = partition_train_set(config, y_train, rng)
   test_parts = partition.matching_test_split([y_train[p] for p in train_parts], y_test,
                                              num_classes, rng)
   return _finish(config, x_train, y_train, x_test, y_test, train_parts, test_parts, num_classes,
-                 rng, public)
+                 rng, x_public, y_public)
 
 
-def _private_classes(config, num_classes: int):
-  text = str(config.get("private_classes", "")).strip()
+def _classes(config, field: str, num_classes: int):
+  """The classes listed in `config[field]` ("0-4", "1.3.5"), or None for all."""
+  text = str(config.get(field, "")).strip()
   if not text:
     return None
-  return np.asarray(sorted(set(tasks.parse_task(f"subset_{text}", num_classes,
-                                                "private_classes").classes)))
+  return tasks.parse_task(f"subset_{text}", num_classes, field).classes
+
+
+def _rows_of_classes(labels: np.ndarray, classes) -> np.ndarray:
+  return np.arange(len(labels)) if classes is None else np.flatnonzero(np.isin(labels, classes))
 
 
 def _finish(config, x_train, y_train, x_test, y_test, train_parts, test_parts, num_classes,
-            rng, public=None) -> FederatedData:
-  """Holds out the public/seed slice, filters clients' data to their tasks, builds."""
-  x_public = y_public = None
-  if public is not None:
-    rows = (np.arange(len(public.y_train)) if not config.public_size else
-            partition.draw_examples(public.y_train, config.public_size, config.public_balanced,
-                                    public.num_classes, rng))
-    x_public, y_public = public.x_train[rows], public.y_train[rows]
-  elif config.get("public_size", 0):
+            rng, x_public=None, y_public=None) -> FederatedData:
+  """Caps clients' data, filters it to their tasks, and builds the dataset. For the
+  synthetic dataset the public/seed slice is held out here, from the clients' data."""
+  if config.dataset == "synthetic" and config.get("public_size", 0):
     rows = partition.draw_examples(y_train, config.public_size, config.public_balanced,
-                                   num_classes, rng)
+                                   num_classes, np.random.default_rng([config.seed, 2]))
     train_parts = partition.remove_examples(train_parts, rows, "public_size")
     x_public, y_public = x_train[rows], y_train[rows]
+  if config.get("client_max_examples", 0):
+    cap = config.client_max_examples
+    train_parts = [np.sort(rng.choice(p, cap, replace=False)) if len(p) > cap else p
+                   for p in train_parts]
   client_tasks = tasks.client_tasks(config, num_classes, len(train_parts))
   if any(not np.all(np.asarray(t.label_map) >= 0) for t in client_tasks):
     # A client whose task is a subset of the classes holds only those classes' examples.
