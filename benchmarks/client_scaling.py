@@ -51,7 +51,7 @@ STRATEGIES = ("sequential", "vmap", "chunked")
 
 def fml_config(model: str, cohort: int, chunk_size: int):
   c = default.get_config()
-  c.update(algorithm="fml", model=model, local_model="", num_clients=cohort,
+  c.update(algorithm="fml", model=model, local_models="", num_clients=cohort,
            clients_per_round=cohort, local_epochs=1, batch_size=BATCH, optimizer="sgd",
            learning_rate=0.01, momentum=0.9, weight_decay=5e-4, chunk_size=chunk_size)
   return c

@@ -30,7 +30,7 @@ REQUIRED_FIELDS = (
     "mesh_shape", "catfish_clients", "catfish_model", "client_tasks", "alpha_schedule",
     "beta_schedule", "lr_schedule", "schedule_step_rounds", "schedule_stop_round",
     "public_dataset", "public_size", "public_balanced", "public_classes", "private_classes",
-    "client_max_examples",
+    "client_max_examples", "eval_clients_on_global_test",
     "fedmd_public_epochs", "fedmd_private_epochs", "fedmd_early_stopping",
     "fedmd_alignment_size", "fedmd_digest_loss", "fedmd_digest_temperature",
     "fedmd_digest_epochs", "fedmd_digest_batch_size", "fedmd_report_bounds", "h2l_topology",
@@ -101,7 +101,8 @@ def validate(config) -> None:
   for field in ("fedmd_digest_temperature", "h2l_temperature"):
     _number(config, field, 0, low_open=True)
   _number(config, "h2l_distill_weight", 0)
-  for field in ("public_balanced", "fedmd_early_stopping", "fedmd_report_bounds", "h2l_seed_ce"):
+  for field in ("public_balanced", "fedmd_early_stopping", "fedmd_report_bounds", "h2l_seed_ce",
+                "eval_clients_on_global_test"):
     if not isinstance(config[field], bool):
       raise ConfigError(field, f"{config[field]!r} is not True or False")
   if config.algorithm in ("fedmd", "fedh2l") and not config.public_dataset and (

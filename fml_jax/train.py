@@ -42,7 +42,8 @@ def evaluate(engine: Engine, state: RoundState, data: FederatedData) -> dict:
   accs = evaluation.evaluate_all_personalized(models, data)
   result.update(local_test_acc_mean=float(accs.mean()), local_test_acc_min=float(accs.min()),
                 local_test_acc_max=float(accs.max()))
-  if algorithm.evaluates_clients_on_global_test:
+  if algorithm.evaluates_clients_on_global_test or engine.algorithm.config.get(
+      "eval_clients_on_global_test", False):
     # Each client's own model on the whole test distribution (FedMD, FedH2L aim at it).
     accs = evaluation.evaluate_all_personalized(models, data, on_global_test=True)
     result.update(client_global_test_acc_mean=float(accs.mean()),
@@ -133,7 +134,9 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
                    warm_record["warm_start_seconds"])
       if config.algorithm == "fedmd" and config.fedmd_report_bounds:
         write_fedmd_bounds(engine, data, warm_record, path / "bounds.json", config.seed)
-  records = outputs.read_metrics(path, first_round) if resuming else []
+  # A fresh start with a warm start rewrites its round-0 line, so keep nothing before it.
+  keep_up_to = first_round if warm_record is None else -1
+  records = outputs.read_metrics(path, keep_up_to) if resuming else []
   if (path / "summary.json").exists():
     (path / "summary.json").unlink()   # the run is being extended: no longer complete
   logging.info(

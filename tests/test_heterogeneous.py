@@ -350,3 +350,15 @@ def test_distillation_methods_count_logits_not_parameters():
   # Up: 30x10 logits per party; down: the consensus and 30 alignment indices per party.
   assert engine.communication(engine.abstract_state(0)) == {"bytes_up": 4 * 1200,
                                                             "bytes_down": 4 * (1200 + 120)}
+
+
+def test_fedmd_run_writes_round_zero_once_and_resumes(tmp_path):
+  import json
+  from fml_jax import train
+  config = fedmd_config(num_rounds=2, checkpoint_every=1, fedmd_report_bounds=False)
+  train.run(config, str(tmp_path))
+  config.num_rounds = 3
+  summary = train.run(config, str(tmp_path))   # resumes after round 2
+  rounds = [json.loads(line)["round"] for line in open(tmp_path / "metrics.jsonl")]
+  assert rounds == [0, 1, 2, 3] and summary["resumed_after_round"] == 2
+  assert not (tmp_path / "bounds.json").exists()

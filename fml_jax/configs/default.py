@@ -94,6 +94,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.chunk_size = 16               # chunked: clients vmapped at once (lax.map over the chunks)
   c.mesh_shape = 1                # devices the client axis is sharded over (0: all devices)
   c.eval_every = 1                # evaluate (and write a metrics line) every N rounds
+  c.eval_clients_on_global_test = False  # also each client's own model on the whole test set
+                                         # (always on for fedmd and fedh2l)
   c.checkpoint_every = 10         # save the round state every N rounds (and at the end); 0: never
   c.checkpoints_to_keep = 2
   return c

@@ -3,7 +3,7 @@ r"""FML in the DOM setting: non-IID data, heterogeneous local models, on MNIST.
   TFDS_DATA_DIR=../shared/tfds python -m fml_jax.main \
       --config=fml_jax/configs/fml_dom.py --workdir=/tmp/fml_dom
 
-10 clients with Dirichlet(0.1) label skew and at most 300 training examples each;
+10 clients with Dirichlet(0.1) label skew and at most 100 training examples each;
 local models assigned round-robin from three architectures (three groups), the
 meme is the global MLP. Compare with local-only training on the same split:
 
@@ -27,10 +27,10 @@ def get_config():
   c.dirichlet_alpha = 0.1
   c.num_clients = 10
   c.clients_per_round = 10
-  c.client_max_examples = 300
+  c.client_max_examples = 100
   c.model = "mlp"
   c.local_models = "mlp_small,mlp,lenet5"
-  c.num_rounds = 20
+  c.num_rounds = 50
   c.local_epochs = 2
   c.batch_size = 32
   return c
