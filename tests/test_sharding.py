@@ -24,12 +24,17 @@ from fml_jax.engine import Engine, client_mesh
 
 assert len(jax.devices()) == 4, jax.devices()
 out = {}
-for algorithm in ["fml", "fedavg", "local", "fedmr"]:
+# Two architecture groups of 4 clients, the whole population each round, for FML and
+# FedH2L (messages stacked over the cohort, then routed).
+GROUPS = dict(local_models="mlp,mlp_small", clients_per_round=8, public_size=40)
+for algorithm in ["fml", "fedavg", "local", "fedmr", "fml_groups", "fedh2l_groups"]:
   results = {}
   for devices in (1, 4):
-    c = small_config(algorithm=algorithm, num_clients=8, clients_per_round=4)
+    extra = GROUPS if algorithm.endswith("_groups") else dict(clients_per_round=4)
+    c = small_config(algorithm=algorithm.replace("_groups", ""), num_clients=8, **extra)
     data = load_federated_data(c)
-    engine = Engine(build_algorithm(c, data.num_classes, data.input_shape), data, 4,
+    engine = Engine(build_algorithm(c, data.num_classes, data.input_shape), data,
+                    c.clients_per_round,
                     strategy="vmap", mesh=client_mesh(devices))
     state = engine.init(c.seed)
     engine.compile(engine.abstract_state(c.seed))
@@ -55,6 +60,7 @@ def test_sharded_over_four_devices_equals_one_device():
   for algorithm, r in result.items():
     assert r["max_abs_diff"] < 1e-4, (algorithm, r)
   assert "clients" in result["fml"]["spec"][0]   # the population is split by client
+  assert "clients" in result["fml_groups"]["spec"][0]
 
 
 @pytest.mark.parametrize("algorithm", ["fml", "fedmr"])
@@ -66,6 +72,27 @@ def test_chunked_equals_vmap(algorithm):
   assert_trees_close(vmap_state.server, chunked_state.server)
   assert_trees_close(vmap_state.population, chunked_state.population)
   assert_trees_close(vmap_metrics, chunked_metrics)
+
+
+def test_chunked_equals_vmap_with_groups_and_messages():
+  from test_engine import GROUPED, run_grouped_rounds  # pylint: disable=g-import-not-at-top
+  config = small_config(**GROUPED["fedh2l"], chunk_size=2)
+  _, vmap_state, vmap_metrics = run_grouped_rounds(config, "vmap", 2)
+  _, chunked_state, chunked_metrics = run_grouped_rounds(config, "chunked", 2)
+  assert_trees_close(vmap_state.population, chunked_state.population)
+  assert_trees_close(vmap_metrics, chunked_metrics)
+
+
+def test_mesh_must_divide_every_groups_share():
+  import types  # pylint: disable=g-import-not-at-top
+  from fml_jax.algorithms import build_algorithm  # pylint: disable=g-import-not-at-top
+  from fml_jax.data import load_federated_data  # pylint: disable=g-import-not-at-top
+  from fml_jax.engine import Engine  # pylint: disable=g-import-not-at-top
+  c = small_config(local_models="mlp,mlp_small", clients_per_round=6)   # groups of 3
+  data = load_federated_data(c)
+  two_devices = types.SimpleNamespace(size=2)   # the check needs only the mesh's size
+  with pytest.raises(ConfigError, match=r"per architecture group\) must be a multiple of 2"):
+    Engine(build_algorithm(c, data.num_classes, data.input_shape), data, 6, mesh=two_devices)
 
 
 def test_mesh_must_divide_the_client_axis():
