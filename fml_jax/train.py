@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from fml_jax import config_checks, evaluation, outputs, preflight
+from fml_jax import config_checks, evaluation, outputs, preflight, reporting
 from fml_jax.checkpoints import Checkpointer
 from fml_jax.algorithms import build_algorithm, fedmd
 from fml_jax.data import FederatedData, load_federated_data
@@ -50,19 +50,6 @@ def evaluate(engine: Engine, state: RoundState, data: FederatedData) -> dict:
                   client_global_test_acc_min=float(accs.min()),
                   client_global_test_acc_max=float(accs.max()))
   return result
-
-
-def _fmt(value, spec=".4f") -> str:
-  return "n/a" if value is None else format(value, spec)
-
-
-def log_round(record: dict, num_rounds: int) -> None:
-  logging.info(
-      "round %d/%d  global acc %s loss %s | personalized acc %s [min %s, max %s] | "
-      "train loss %s | %.3f s/round", record["round"], num_rounds,
-      _fmt(record["global_test_acc"]), _fmt(record["global_test_loss"]),
-      _fmt(record["local_test_acc_mean"]), _fmt(record["local_test_acc_min"]),
-      _fmt(record["local_test_acc_max"]), _fmt(record["train_loss"]), record["round_seconds"])
 
 
 class DivergenceError(UserError):
@@ -148,9 +135,12 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
       f"; resuming after round {first_round}" if first_round else "")
   outputs.atomic_write_json(path / "config.json", config_dict)
   writer = outputs.MetricsWriter(path / "metrics.jsonl")
+  board = reporting.TensorBoardWriter(path, first_round)
   if warm_record is not None:
     writer.write(warm_record)
+    board.write(warm_record)
     records = [warm_record]
+  progress = reporting.Progress(first_round, config.num_rounds)
   round_seconds = []
   try:
     for r in range(first_round + 1, config.num_rounds + 1):
@@ -166,12 +156,17 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
                   "round_seconds": round_seconds[-1],
                   "elapsed_seconds": time.perf_counter() - start}
         writer.write(record)
-        log_round(record, config.num_rounds)
+        board.write(record)
         records.append(record)
+      else:
+        record = None
+      progress.round_done(r, record)
       if checkpointer and checkpointer.should_save(r, config.num_rounds):
         checkpointer.save(r, state)
   finally:
+    progress.close()
     writer.close()
+    board.close()
     if checkpointer:
       checkpointer.close()
   steady = round_seconds[1:] or round_seconds or [float("nan")]
