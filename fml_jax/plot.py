@@ -18,6 +18,8 @@ import json
 import sys
 from pathlib import Path
 
+from fml_jax.errors import UserError
+
 # Config fields that never tell runs apart in a legend.
 IGNORED_FIELDS = {"algorithm", "data_dir", "checkpoint_every", "checkpoints_to_keep",
                   "eval_every", "strategy", "chunk_size", "mesh_shape"}
@@ -27,8 +29,8 @@ def load_run(workdir: str) -> tuple[dict, list[dict]]:
   path = Path(workdir)
   metrics, config = path / "metrics.jsonl", path / "config.json"
   if not metrics.exists() or not config.exists():
-    raise SystemExit(f"fml_jax.plot: error: {workdir} is not a run folder "
-                     "(it needs metrics.jsonl and config.json, written by fml_jax.main)")
+    raise UserError(f"{workdir} is not a run folder (it needs metrics.jsonl and "
+                    "config.json, written by fml_jax.main)")
   records = []
   for line in metrics.read_text().splitlines():
     try:
@@ -36,7 +38,7 @@ def load_run(workdir: str) -> tuple[dict, list[dict]]:
     except ValueError:
       continue   # a torn last line of a run still being written
   if not records:
-    raise SystemExit(f"fml_jax.plot: error: {metrics} has no evaluated rounds yet")
+    raise UserError(f"{metrics} has no evaluated rounds yet")
   return json.loads(config.read_text()), records
 
 
@@ -58,14 +60,16 @@ def _series(records, x_key, y_key):
 
 
 def plot_runs(workdirs: list[str], out: str, title: str = "") -> Path:
+  """Writes the figure to `out` (PNG) and returns its path. Uses matplotlib's
+  object API (no pyplot), so it needs no display and leaves a notebook's backend alone."""
   import matplotlib   # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt   # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure   # pylint: disable=g-import-not-at-top
 
   runs = [load_run(w) for w in workdirs]
   labels = legend_labels([c for c, _ in runs])
-  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-  fig, axes = plt.subplots(2, 2, figsize=(12, 8), squeeze=False)
+  colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+  fig = Figure(figsize=(12, 8))
+  axes = fig.subplots(2, 2, squeeze=False)
   for i, ((config, records), label) in enumerate(zip(runs, labels)):
     color = colors[i % len(colors)]   # one color per run in every panel
     for r in records:
@@ -102,7 +106,6 @@ def plot_runs(workdirs: list[str], out: str, title: str = "") -> Path:
   out_path.parent.mkdir(parents=True, exist_ok=True)
   tmp = out_path.with_name("." + out_path.name + ".tmp.png")
   fig.savefig(tmp, dpi=110)
-  plt.close(fig)
   tmp.replace(out_path)   # never a half-written figure under the real name
   return out_path
 
@@ -114,7 +117,11 @@ def main(argv=None) -> None:
   parser.add_argument("--out", required=True, help="PNG file to write")
   parser.add_argument("--title", default="")
   args = parser.parse_args(argv)
-  path = plot_runs(args.workdirs, args.out, args.title)
+  try:
+    path = plot_runs(args.workdirs, args.out, args.title)
+  except UserError as e:
+    print(f"fml_jax.plot: error: {e}", file=sys.stderr)
+    sys.exit(2)
   print(f"wrote {path}", file=sys.stderr)
 
 
