@@ -1,12 +1,16 @@
 """The client-execution engine: one federated round over a sampled cohort.
 
-A round is three pure pieces:
+A round is a few pure pieces:
 
-  begin_round   sample the cohort (seeded, without replacement), gather its
-                persistent state and data rows from the population store;
+  begin_round   sample the cohort (seeded, without replacement, a fixed share from
+                each architecture group), gather its persistent state and data rows
+                from the population store;
+  prepare_round the algorithm's server-side preparation (FedMD: the alignment subset);
+  messages      only for algorithms that exchange them (FedMD, FedH2L): every
+                cohort member's `client_message`, then the algorithm's `exchange`;
   client update the algorithm's `client_update`, once per cohort member;
-  finish_round  scatter the new client states back, average the uploads over
-                the client axis, update the server state.
+  finish_round  scatter the new client states back, hand the uploads (stacked over
+                the whole cohort) to the server update.
 
 How the client updates execute is the *strategy* (FedJAX's `for_each_client`):
 
@@ -383,6 +387,7 @@ class Engine:
     replaces every client's data row (the pooled-data bound)."""
     if not self.algorithm.has_warm_start:
       return state
+    # A key no round uses (round r folds in r), so warm start and rounds draw independently.
     key = jax.random.fold_in(state.key, 2**31 - 1)
     population = []
     for g, members in enumerate(self.members):
