@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import small_config
+from conftest import requires_mnist, small_config
 from fml_jax import losses, schedules, tasks
 from fml_jax.algorithms import build_algorithm, fedh2l, fedmd
 from fml_jax.data import load_federated_data
@@ -362,3 +362,23 @@ def test_fedmd_run_writes_round_zero_once_and_resumes(tmp_path):
   rounds = [json.loads(line)["round"] for line in open(tmp_path / "metrics.jsonl")]
   assert rounds == [0, 1, 2, 3] and summary["resumed_after_round"] == 2
   assert not (tmp_path / "bounds.json").exists()
+
+
+def test_explicit_per_client_model_list():
+  config = small_config(algorithm="local",
+                        local_models="mlp,mlp,logreg,mlp_small,logreg,mlp")
+  algorithm = build_algorithm(config, 10, (60,))
+  assert [algorithm.groups[g].model_name for g in algorithm.group_of] == [
+      "mlp", "mlp", "logreg", "mlp_small", "logreg", "mlp"]
+
+
+@requires_mnist
+def test_public_dataset_puts_its_classes_first():
+  config = small_config(dataset="mnist", partition="iid", num_clients=4, clients_per_round=4,
+                        public_dataset="mnist", public_size=100, private_classes="5-9")
+  data = load_federated_data(config)
+  # FedMD's label space: the public set's 10 classes, then the 5 private ones as 10..14.
+  assert data.num_classes == 15
+  assert data.x_public.shape[0] == 100 and int(data.y_public.max()) <= 9
+  assert set(np.unique(np.asarray(data.y_train)).tolist()) == {10, 11, 12, 13, 14}
+  assert set(np.unique(np.asarray(data.y_test)).tolist()) == {10, 11, 12, 13, 14}
