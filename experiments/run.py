@@ -192,7 +192,7 @@ def run_experiment(name: str, out: Path, is_quick: bool, data_dir: str = "",
     workdirs.append(str(workdir))
   table = folder / "table.md"
   table.write_text(f"{TABLE_HEADER}\n" + "\n".join(rows) + "\n")
-  plot.plot_runs(workdirs, str(folder / f"{name}.png"), title=name)
+  plot.plot_runs(workdirs, str(folder / f"{name}.png"), title=name, labels=list(runs))
   if name == "fedmd":
     _fedmd_party_table(folder, runs)
   return table

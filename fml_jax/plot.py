@@ -59,14 +59,17 @@ def _series(records, x_key, y_key):
   return [p[0] for p in points], [p[1] for p in points]
 
 
-def plot_runs(workdirs: list[str], out: str, title: str = "") -> Path:
-  """Writes the figure to `out` (PNG) and returns its path. Uses matplotlib's
-  object API (no pyplot), so it needs no display and leaves a notebook's backend alone."""
+def plot_runs(workdirs: list[str], out: str, title: str = "", labels=None) -> Path:
+  """Writes the figure to `out` (PNG) and returns its path; `labels` name the runs in
+  the legend (default: `legend_labels` of their configs). Uses matplotlib's object API
+  (no pyplot), so it needs no display and leaves a notebook's backend alone."""
   import matplotlib   # pylint: disable=g-import-not-at-top
   from matplotlib.figure import Figure   # pylint: disable=g-import-not-at-top
 
   runs = [load_run(w) for w in workdirs]
-  labels = legend_labels([c for c, _ in runs])
+  if labels is not None and len(labels) != len(runs):
+    raise UserError(f"{len(labels)} labels for {len(runs)} runs")
+  labels = list(labels) if labels is not None else legend_labels([c for c, _ in runs])
   colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
   fig = Figure(figsize=(12, 8))
   axes = fig.subplots(2, 2, squeeze=False)
@@ -116,9 +119,11 @@ def main(argv=None) -> None:
   parser.add_argument("workdirs", nargs="+", help="run folders (--workdir of fml_jax.main)")
   parser.add_argument("--out", required=True, help="PNG file to write")
   parser.add_argument("--title", default="")
+  parser.add_argument("--labels", default="", help="comma-separated legend names, one per run")
   args = parser.parse_args(argv)
+  labels = [l.strip() for l in args.labels.split(",")] if args.labels else None
   try:
-    path = plot_runs(args.workdirs, args.out, args.title)
+    path = plot_runs(args.workdirs, args.out, args.title, labels)
   except UserError as e:
     print(f"fml_jax.plot: error: {e}", file=sys.stderr)
     sys.exit(2)
