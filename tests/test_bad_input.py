@@ -1,6 +1,7 @@
 """Bad settings through the real command line: each exits non-zero, before training, with
 one readable line naming the setting, and no traceback."""
 
+import concurrent.futures
 import os
 import subprocess
 import sys
@@ -72,15 +73,29 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("args,expected", [(a, e) for _, a, e in BAD_INPUTS],
-                         ids=[i for i, _, _ in BAD_INPUTS])
-def test_bad_input_exits_with_one_line(tmp_path, args, expected):
-  workdir = tmp_path / "run"
+def _run_case(args, workdir):
   if not any(a.startswith("--workdir") for a in args):
     args = [f"--workdir={workdir}"] + args
-  proc = subprocess.run([sys.executable, "-m", "fml_jax.main", *args], cwd=REPO,
+  return subprocess.run([sys.executable, "-m", "fml_jax.main", *args], cwd=REPO,
                         capture_output=True, text=True, timeout=300,
                         env=dict(os.environ, TFDS_DATA_DIR=SHARED_TFDS))
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+  """Every case's process, run a few at a time: each is mostly Python start-up and
+  imports, so running them side by side saves most of the suite's wall time."""
+  root = tmp_path_factory.mktemp("bad_input")
+  with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+    futures = {name: pool.submit(_run_case, args, root / name / "run")
+               for name, args, _ in BAD_INPUTS}
+    return {name: (future.result(), root / name / "run") for name, future in futures.items()}
+
+
+@pytest.mark.parametrize("name,expected", [(i, e) for i, _, e in BAD_INPUTS],
+                         ids=[i for i, _, _ in BAD_INPUTS])
+def test_bad_input_exits_with_one_line(outcomes, name, expected):
+  proc, workdir = outcomes[name]
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
   errors = [l for l in proc.stderr.splitlines() if l.startswith("fml_jax: error:")]
