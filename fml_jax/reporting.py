@@ -85,12 +85,15 @@ class Progress:
     if record is None:
       return
     rate, left = self.rate(r)
+    clients_global = ""
+    if record.get("client_global_test_acc_mean") is not None:
+      clients_global = f" | clients' models on global test {record['client_global_test_acc_mean']:.4f}"
     logging.info(
-        "round %d/%d  global acc %s loss %s | personalized acc %s [min %s, max %s] | "
+        "round %d/%d  global acc %s loss %s | personalized acc %s [min %s, max %s]%s | "
         "train loss %s | %.3f s/round | %.2f rounds/s, ETA %s", r, self.num_rounds,
         _fmt(record["global_test_acc"]), _fmt(record["global_test_loss"]),
         _fmt(record["local_test_acc_mean"]), _fmt(record["local_test_acc_min"]),
-        _fmt(record["local_test_acc_max"]), _fmt(record.get("train_loss")),
+        _fmt(record["local_test_acc_max"]), clients_global, _fmt(record.get("train_loss")),
         record["round_seconds"], rate, _duration(left))
 
   def close(self) -> None:
