@@ -211,8 +211,13 @@ def _fedmd_party_table(folder: Path, runs: dict) -> None:
     alone = b["no_collaboration"]["client_global_test_acc_mean"]
     final = summary["final"]["client_global_test_acc_mean"]
     pooled = b["pooled"]["client_global_test_acc_mean"]
-    lines.append(f"| {run_name} | {alone:.4f} | {final:.4f} | {pooled:.4f} | "
+    lines.append(f"| {run_name}: mean over parties | {alone:.4f} | {final:.4f} | {pooled:.4f} | "
                  f"{final - alone:+.4f} |")
+    per_party = zip(b["no_collaboration"].get("client_global_test_acc", []),
+                    summary["final"].get("client_global_test_acc", []),
+                    b["pooled"].get("client_global_test_acc", []))
+    for party, (a, f, p) in enumerate(per_party):
+      lines.append(f"| party {party} | {a:.4f} | {f:.4f} | {p:.4f} | {f - a:+.4f} |")
   if lines:
     (folder / "bounds.md").write_text(
         "| run | no collaboration | FedMD (last round) | pooled | gain |\n|---|---|---|---|---|\n"

@@ -135,6 +135,10 @@ def test_fedmd_parties_beat_their_no_collaboration_accuracy(tmp_path):
   assert final["client_global_test_acc_mean"] > alone["client_global_test_acc_mean"] + 0.03
   assert final["local_test_acc_mean"] > alone["local_test_acc_mean"]
   assert pooled["client_global_test_acc_mean"] > final["client_global_test_acc_mean"]
+  # Per-party accuracies, in client order, average to the mean.
+  assert len(final["client_global_test_acc"]) == 4
+  assert np.mean(final["client_global_test_acc"]) == pytest.approx(
+      final["client_global_test_acc_mean"], abs=1e-5)
   # 500 alignment logits (10 classes, float32) per party up; consensus + indices down.
   assert final["bytes_up"] == 4 * 500 * 10 * 4
   assert final["bytes_down"] == 4 * 500 * (10 * 4 + 4)
