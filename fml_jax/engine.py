@@ -169,6 +169,10 @@ class Engine:
     if any(len(m) == 0 for m in self.members):
       raise ConfigError("local_models", "an architecture group has no clients")
     self.group_sizes = [len(m) for m in self.members]
+    # Each client's row in its group's population (for the scatter after a round).
+    self.slot_of_client = np.zeros(data.num_clients, np.int32)
+    for members in self.members:
+      self.slot_of_client[members] = np.arange(len(members))
     self.cohort_sizes = apportion(clients_per_round, self.group_sizes)
     self.mesh = mesh
     self.compiled_flops = 0.0   # set by compile()
@@ -286,7 +290,7 @@ class Engine:
     for g, (members, k) in enumerate(zip(self.members, self.cohort_sizes)):
       key = sample_key if self.num_groups == 1 else jax.random.fold_in(sample_key, g)
       slots = jax.random.choice(key, len(members), (k,), replace=False)
-      ids = jnp.asarray(members, jnp.int32)[slots] if self.num_groups > 1 else slots
+      ids = jnp.asarray(members, jnp.int32)[slots]
       # A client's key depends on its id, not its position in the cohort.
       keys = jax.vmap(jax.random.fold_in, (None, 0))(client_key, ids)
       clients = ClientInfo(id=ids, position=offset + jnp.arange(k, dtype=jnp.int32),
@@ -310,8 +314,7 @@ class Engine:
     uploads of the whole cohort (concatenated across groups, in cohort order)."""
     population = []
     for g, (cohort, result) in enumerate(zip(cohorts, results)):
-      slots = cohort.clients.id if self.num_groups == 1 else jnp.asarray(
-          self._slot_of_client())[cohort.clients.id]
+      slots = jnp.asarray(self.slot_of_client)[cohort.clients.id]
       population.append(jax.tree.map(lambda p, new: p.at[slots].set(new), state.population[g],
                                      result.client_state))
     uploads = concat_clients([r.upload for r in results])
@@ -325,13 +328,6 @@ class Engine:
                          all_finite=jnp.all(client_finite) & tree_is_finite(server))
     return state.replace(round=state.round + 1, server=server,
                          population=tuple(population)), report
-
-  def _slot_of_client(self) -> np.ndarray:
-    """(num_clients,) each client's row in its group's population."""
-    slot = np.zeros(sum(self.group_sizes), np.int32)
-    for members in self.members:
-      slot[members] = np.arange(len(members))
-    return slot
 
   def _map_group(self, fn, server, cohort: Cohort, data, group: int):
     return map_over_clients(

@@ -179,12 +179,6 @@ def init_params(model: nn.Module, key: jax.Array, input_shape: tuple):
   return init_variables(model, key, input_shape)["params"]
 
 
-def has_model_state(model: nn.Module, input_shape: tuple) -> bool:
-  """Whether the model has variables besides its parameters (batch norm statistics)."""
-  shapes = jax.eval_shape(lambda: init_variables(model, jax.random.PRNGKey(0), input_shape))
-  return any(k != "params" for k in shapes)
-
-
 def apply_model(model: nn.Module, params, x: jax.Array, model_state=None) -> jax.Array:
   """Inference logits (dropout off, batch norm with its running statistics)."""
   return model.apply({"params": params, **(model_state or {})}, x, train=False)

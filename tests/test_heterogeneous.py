@@ -196,15 +196,19 @@ def fedmd_config(**overrides):
   return small_config(**{**base, **overrides})
 
 
-def test_fedmd_consensus_is_the_mean_of_every_partys_logits():
-  config = fedmd_config()
+def start_fedmd_round(config):
+  """After transfer learning, the first round's cohorts and prepared server state."""
   data = load_federated_data(config)
-  engine = Engine(build_algorithm(config, data.num_classes, data.input_shape), data, 6,
-                  strategy="vmap")
-  algorithm = engine.algorithm
+  engine = Engine(build_algorithm(config, data.num_classes, data.input_shape), data,
+                  config.clients_per_round, strategy="vmap")
   state = engine.warm_start(engine.init(0))
   cohorts, context = engine.begin_round(state, data)
-  server = algorithm.prepare_round(state.server, context, data)
+  server = engine.algorithm.prepare_round(state.server, context, data)
+  return engine.algorithm, data, cohorts, context, server
+
+
+def test_fedmd_consensus_is_the_mean_of_every_partys_logits():
+  algorithm, data, cohorts, context, server = start_fedmd_round(fedmd_config())
   assert server["alignment_idx"].shape == (30,)
   logits = []
   for g, cohort in enumerate(cohorts):
@@ -221,14 +225,8 @@ def test_fedmd_consensus_is_the_mean_of_every_partys_logits():
 
 
 def test_fedmd_digest_moves_parties_toward_the_consensus():
-  config = fedmd_config(local_epochs=1, fedmd_digest_epochs=3, learning_rate=3e-3)
-  data = load_federated_data(config)
-  engine = Engine(build_algorithm(config, data.num_classes, data.input_shape), data, 6,
-                  strategy="vmap")
-  algorithm = engine.algorithm
-  state = engine.warm_start(engine.init(0))
-  cohorts, context = engine.begin_round(state, data)
-  server = algorithm.prepare_round(state.server, context, data)
+  algorithm, data, cohorts, _, server = start_fedmd_round(
+      fedmd_config(local_epochs=1, fedmd_digest_epochs=3, learning_rate=3e-3))
   cohort = jax.tree.map(lambda a: a[0], cohorts[0])
   before = algorithm.client_message(server, cohort.client_state, cohort.clients, data, 0)
   server = {**server, "consensus": jnp.zeros_like(before)}   # a target far from every party

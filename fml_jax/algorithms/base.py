@@ -166,10 +166,6 @@ class Algorithm(abc.ABC):
     """(num_clients,) each client's architecture group; one group by default."""
     return np.zeros(num_clients, np.int32)
 
-  def group_members(self, num_clients: int) -> list[np.ndarray]:
-    groups = np.asarray(self.client_groups(num_clients))
-    return [np.flatnonzero(groups == g) for g in range(int(groups.max()) + 1)]
-
   @abc.abstractmethod
   def init(self, key: jax.Array, group_sizes: tuple) -> tuple[Any, tuple]:
     ...

@@ -20,10 +20,11 @@ import jax
 import numpy as np
 
 from fml_jax import tasks
-from fml_jax.algorithms.base import PersonalizedModels, assign_to_clients, groups_of, split_list
+from fml_jax.algorithms.base import (Algorithm, PersonalizedModels, assign_to_clients, groups_of,
+                                     split_list)
 from fml_jax.errors import ConfigError
 from fml_jax.models import build_model, init_variables
-from fml_jax.optimizers import TrainState
+from fml_jax.optimizers import TrainState, make_optimizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,3 +87,28 @@ def personalized(groups: list[ClientModelGroup], group_of: np.ndarray,
       model_state=state.model_state or None,
       label_map=None if g.task.is_identity else np.asarray(g.task.label_map))
           for i, (g, state) in enumerate(zip(groups, population))]
+
+
+class ClientModelsAlgorithm(Algorithm):
+  """Base of the algorithms whose clients keep private models (FML's local models,
+  local-only, FedMD's and FedH2L's parties): builds the groups from the config, one
+  optimizer, every client's fresh TrainState, and personalized evaluation of them.
+  The server state is empty unless a subclass says otherwise."""
+
+  def __init__(self, config, num_classes, input_shape):
+    super().__init__(config, num_classes, input_shape)
+    self.group_of, self.groups = client_model_groups(config, num_classes, input_shape,
+                                                     config.num_clients)
+    self.optimizer = make_optimizer(config)
+
+  def client_groups(self, num_clients):
+    return self.group_of
+
+  def init_clients(self, key) -> tuple:
+    return init_group_states(self.groups, self.group_of, key, self.input_shape, self.optimizer)
+
+  def init(self, key, group_sizes):
+    return {}, self.init_clients(key)
+
+  def personalized_models(self, server_state, population):
+    return personalized(self.groups, self.group_of, population)

@@ -28,10 +28,9 @@ import jax
 import jax.numpy as jnp
 
 from fml_jax import losses
-from fml_jax.algorithms import client_models
-from fml_jax.algorithms.base import Algorithm, ClientResult
+from fml_jax.algorithms.base import ClientResult
+from fml_jax.algorithms.client_models import ClientModelsAlgorithm
 from fml_jax.models import apply_model, forward
-from fml_jax.optimizers import make_optimizer
 
 TOPOLOGIES = ("full", "ring", "random_k")
 
@@ -60,23 +59,10 @@ def out_degree(topology: str, num: int, peers: int) -> int:
   return {"full": num - 1, "ring": min(2, num - 1), "random_k": peers}[topology]
 
 
-class FedH2L(Algorithm):
+class FedH2L(ClientModelsAlgorithm):
   name = "fedh2l"
   exchanges_messages = True
   evaluates_clients_on_global_test = True
-
-  def __init__(self, config, num_classes, input_shape):
-    super().__init__(config, num_classes, input_shape)
-    self.group_of, self.groups = client_models.client_model_groups(
-        config, num_classes, input_shape, config.num_clients)
-    self.optimizer = make_optimizer(config)
-
-  def client_groups(self, num_clients):
-    return self.group_of
-
-  def init(self, key, group_sizes):
-    return {}, client_models.init_group_states(self.groups, self.group_of, key, self.input_shape,
-                                               self.optimizer)
 
   def prepare_round(self, server_state, context, data):
     c = self.config
@@ -136,6 +122,3 @@ class FedH2L(Algorithm):
     # receives as many; counted once as sent (up) and once as received (down).
     degree = out_degree(self.config.h2l_topology, cohort_size, self.config.h2l_peers)
     return {"bytes_up": message_bytes * degree, "bytes_down": message_bytes * degree}
-
-  def personalized_models(self, server_state, population):
-    return client_models.personalized(self.groups, self.group_of, population)

@@ -28,12 +28,11 @@ import jax
 import jax.numpy as jnp
 
 from fml_jax import losses
-from fml_jax.algorithms import client_models
-from fml_jax.algorithms.base import Algorithm, ClientResult, supervised_step
+from fml_jax.algorithms.base import ClientResult, supervised_step
+from fml_jax.algorithms.client_models import ClientModelsAlgorithm
 from fml_jax.evaluation import evaluate_rows
 from fml_jax.local_training import run_local_steps
 from fml_jax.models import apply_model, forward
-from fml_jax.optimizers import make_optimizer
 
 DIGEST_LOSSES = ("l1", "kl")
 # Share of the public set held out to pick the best public epoch (early stopping).
@@ -68,7 +67,7 @@ def digest_loss(kind: str, temperature: float):
   return l1 if kind == "l1" else kl
 
 
-class FedMD(Algorithm):
+class FedMD(ClientModelsAlgorithm):
   name = "fedmd"
   exchanges_messages = True
   has_warm_start = True
@@ -76,17 +75,7 @@ class FedMD(Algorithm):
 
   def __init__(self, config, num_classes, input_shape):
     super().__init__(config, num_classes, input_shape)
-    self.group_of, self.groups = client_models.client_model_groups(
-        config, num_classes, input_shape, config.num_clients)
-    self.optimizer = make_optimizer(config)
     self.digest = digest_loss(config.fedmd_digest_loss, config.fedmd_digest_temperature)
-
-  def client_groups(self, num_clients):
-    return self.group_of
-
-  def init(self, key, group_sizes):
-    return {}, client_models.init_group_states(self.groups, self.group_of, key, self.input_shape,
-                                               self.optimizer)
 
   # --- transfer learning -----------------------------------------------------------------
 
@@ -183,9 +172,6 @@ class FedMD(Algorithm):
     size = server_shapes["alignment_idx"].shape[0]
     return {"bytes_up": upload_bytes + message_bytes,
             "bytes_down": cohort_size * size * (4 * self.num_classes + 4)}
-
-  def personalized_models(self, server_state, population):
-    return client_models.personalized(self.groups, self.group_of, population)
 
 
 def pooled_rows(data) -> tuple[jax.Array, jax.Array]:

@@ -21,10 +21,10 @@ import jax
 import jax.numpy as jnp
 
 from fml_jax import losses, schedules
-from fml_jax.algorithms import client_models
-from fml_jax.algorithms.base import Algorithm, ClientResult, mean_over_clients
+from fml_jax.algorithms.base import ClientResult, mean_over_clients
+from fml_jax.algorithms.client_models import ClientModelsAlgorithm
 from fml_jax.models import build_model, forward, init_params
-from fml_jax.optimizers import TrainState, make_optimizer
+from fml_jax.optimizers import TrainState
 
 
 def balance_schedules(config) -> dict:
@@ -35,27 +35,19 @@ def balance_schedules(config) -> dict:
           for kind in schedules.KINDS}
 
 
-class FML(Algorithm):
+class FML(ClientModelsAlgorithm):
   name = "fml"
   default_aggregation = "uniform"   # the official code averages memes uniformly
 
   def __init__(self, config, num_classes, input_shape):
     super().__init__(config, num_classes, input_shape)
     self.meme_model = build_model(config.model, num_classes, input_shape, "model")
-    self.group_of, self.groups = client_models.client_model_groups(
-        config, num_classes, input_shape, config.num_clients)
-    self.optimizer = make_optimizer(config)
     self.schedules = balance_schedules(config)
-
-  def client_groups(self, num_clients):
-    return self.group_of
 
   def init(self, key, group_sizes):
     meme_key, local_key = jax.random.split(key)
     server = {"params": init_params(self.meme_model, meme_key, self.input_shape)}
-    population = client_models.init_group_states(self.groups, self.group_of, local_key,
-                                                 self.input_shape, self.optimizer)
-    return server, population
+    return server, self.init_clients(local_key)
 
   def make_step(self, group: int, alpha, beta, lr_scale):
     local_model, task = self.groups[group].model, self.groups[group].task
@@ -103,6 +95,3 @@ class FML(Algorithm):
 
   def global_model(self, server_state):
     return self.meme_model, server_state["params"]
-
-  def personalized_models(self, server_state, population):
-    return client_models.personalized(self.groups, self.group_of, population)

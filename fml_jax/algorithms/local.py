@@ -10,26 +10,12 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from fml_jax.algorithms import client_models
-from fml_jax.algorithms.base import Algorithm, ClientResult, supervised_step
-from fml_jax.optimizers import make_optimizer
+from fml_jax.algorithms.base import ClientResult, supervised_step
+from fml_jax.algorithms.client_models import ClientModelsAlgorithm
 
 
-class LocalOnly(Algorithm):
+class LocalOnly(ClientModelsAlgorithm):
   name = "local"
-
-  def __init__(self, config, num_classes, input_shape):
-    super().__init__(config, num_classes, input_shape)
-    self.group_of, self.groups = client_models.client_model_groups(
-        config, num_classes, input_shape, config.num_clients)
-    self.optimizer = make_optimizer(config)
-
-  def client_groups(self, num_clients):
-    return self.group_of
-
-  def init(self, key, group_sizes):
-    return (), client_models.init_group_states(self.groups, self.group_of, key,
-                                               self.input_shape, self.optimizer)
 
   def client_update(self, server_state, client_state, client, data, group):
     task = self.groups[group].task
@@ -37,6 +23,3 @@ class LocalOnly(Algorithm):
                            label_map=None if task.is_identity else jnp.asarray(task.label_map))
     state, metrics = self.train(step, client_state, client, data)
     return ClientResult(client_state=state, upload=(), metrics=metrics)
-
-  def personalized_models(self, server_state, population):
-    return client_models.personalized(self.groups, self.group_of, population)
