@@ -46,7 +46,7 @@ from fml_jax.engine import Engine  # pylint: disable=g-import-not-at-top
 
 BATCH = 32
 INPUT_SHAPE = (28, 28, 1)
-STRATEGIES = ("sequential", "vmap", "chunked")
+STRATEGIES = ("sequential", "vmap", "chunked", "auto")
 
 
 def fml_config(model: str, cohort: int, chunk_size: int):
@@ -95,7 +95,9 @@ def per_client_flops(model: str) -> float:
   return _PER_CLIENT_FLOPS[model]
 
 
-def measure_jax(model: str, cohort: int, strategy: str, reps: int, chunk_size: int) -> dict:
+def setup_jax(model: str, cohort: int, strategy: str, chunk_size: int, reserved: int = 0):
+  """An engine ready to time (compiled, warmed up), or {"skipped": why} when XLA's memory
+  estimate does not fit in the free memory less `reserved` (engines already set up)."""
   config = fml_config(model, cohort, min(chunk_size, cohort))
   data = one_step_data(cohort)
   engine = Engine(build_algorithm(config, 10, INPUT_SHAPE), data, cohort, "uniform", strategy,
@@ -103,25 +105,29 @@ def measure_jax(model: str, cohort: int, strategy: str, reps: int, chunk_size: i
   abstract = engine.abstract_state(0)
   estimate = preflight.estimate_memory(engine, abstract)
   available = preflight.available_memory()
-  if available is not None and estimate.total > preflight.HEADROOM * available:
-    return {"skipped": f"needs {preflight.gib(estimate.total)}, {preflight.gib(available)} free"}
-  flops = per_client_flops(model) * cohort
-  state = engine.init(0)
-  state, report = engine.run_round(state)   # warm-up (compiled already; first-run effects)
-  jax.block_until_ready(report)
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    state, report = engine.run_round(state)
-    jax.block_until_ready((state, report))
-    times.append(time.perf_counter() - t0)
+  if available is not None and estimate.total + reserved > preflight.HEADROOM * available:
+    return {"skipped": f"needs {preflight.gib(estimate.total)}, "
+                       f"{preflight.gib(available - reserved)} free"}
+  holder = {"state": engine.init(0)}
+
+  def one_round():
+    holder["state"], report = engine.run_round(holder["state"])
+    jax.block_until_ready((holder["state"], report))
+
+  one_round()   # warm-up (compiled already; first-run effects)
+  return {"run": one_round, "memory_bytes": estimate.total, "resolved": engine.strategy}
+
+
+def jax_result(setup: dict, times: list, model: str, cohort: int) -> dict:
   t = statistics.median(times)
+  flops = per_client_flops(model) * cohort
   return {"round_s": t, "client_steps_per_s": cohort / t, "examples_per_s": cohort * BATCH / t,
-          "gflops": flops / t / 1e9 if flops else None, "memory_bytes": estimate.total}
+          "gflops": flops / t / 1e9 if flops else None, "memory_bytes": setup["memory_bytes"]}
 
 
-def measure_torch(model: str, cohort: int, max_clients: int, reps: int):
-  """The peers' way: a Python loop over clients of the same FML step in PyTorch."""
+def setup_torch(model: str, cohort: int, max_clients: int):
+  """The peers' way: a Python loop over clients of the same FML step in PyTorch. Returns
+  (one round over min(cohort, max_clients) clients, clients timed), or None without torch."""
   try:
     import torch  # pylint: disable=g-import-not-at-top
     import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
@@ -163,15 +169,63 @@ def measure_torch(model: str, cohort: int, max_clients: int, reps: int):
       meme_opt.step()
       local_opt.step()
 
-  one_round()
-  times = []
+  one_round()   # warm-up
+  return one_round, n, torch.__version__
+
+
+def measure_cohort(model: str, cohort: int, strategies: list, reps: int, chunk_size: int,
+                   torch_clients: int, too_slow: set, max_round_s: float) -> dict:
+  """Every strategy and the PyTorch loop at one cohort size, timed round-robin (one
+  round of each in turn, `reps` times), so a slow spell of a shared machine hits all
+  of them alike. `auto` is reported as the strategy it resolves to, not run twice."""
+  row, setups, reserved = {}, {}, 0
+  for strategy in [s for s in strategies if s != "auto"]:
+    if strategy in too_slow:
+      row[strategy] = {"skipped": f"a round took over {max_round_s:.0f} s at a smaller cohort"}
+      continue
+    setup = setup_jax(model, cohort, strategy, chunk_size, reserved)
+    if "skipped" in setup:
+      row[strategy] = setup
+    else:
+      setups[strategy] = setup
+      reserved += setup["memory_bytes"]
+  torch_setup = setup_torch(model, cohort, torch_clients)
+  times = {name: [] for name in setups}
+  torch_times = []
   for _ in range(reps):
-    t0 = time.perf_counter()
-    one_round()
-    times.append(time.perf_counter() - t0)
-  t = statistics.median(times) / n   # seconds per client-step
-  return {"client_steps_per_s": 1 / t, "examples_per_s": BATCH / t, "clients_timed": n,
-          "torch_version": torch.__version__}
+    for name, setup in setups.items():
+      t0 = time.perf_counter()
+      setup["run"]()
+      times[name].append(time.perf_counter() - t0)
+    if torch_setup:
+      t0 = time.perf_counter()
+      torch_setup[0]()
+      torch_times.append(time.perf_counter() - t0)
+  for name, setup in setups.items():
+    row[name] = jax_result(setup, times[name], model, cohort)
+    if row[name]["round_s"] > max_round_s:
+      too_slow.add(name)
+  if torch_setup:
+    t = statistics.median(torch_times) / torch_setup[1]   # seconds per client-step
+    row["pytorch_loop"] = {"client_steps_per_s": 1 / t, "examples_per_s": BATCH / t,
+                           "clients_timed": torch_setup[1], "torch_version": torch_setup[2]}
+  if "auto" in strategies:
+    resolved = auto_strategy(model)
+    row["auto"] = {**row.get(resolved, {"skipped": f"{resolved} was not measured"}),
+                   "resolves_to": resolved}
+  return row
+
+
+_AUTO = {}
+
+
+def auto_strategy(model: str) -> str:
+  """What `strategy=auto` picks for this model on this backend (the engine's own rule)."""
+  if model not in _AUTO:
+    config = fml_config(model, 1, 1)
+    _AUTO[model] = Engine(build_algorithm(config, 10, INPUT_SHAPE), one_step_data(1), 1,
+                          "uniform", "auto").strategy
+  return _AUTO[model]
 
 
 def plot(results: dict, path: Path) -> bool:
@@ -185,7 +239,7 @@ def plot(results: dict, path: Path) -> bool:
   fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
   for ax, (model, by_cohort) in zip(axes[0], results.items()):
     cohorts = sorted(int(c) for c in by_cohort)
-    for name in STRATEGIES + ("pytorch_loop",):
+    for name in [s for s in STRATEGIES if s != "auto"] + ["pytorch_loop"]:
       pts = [(c, by_cohort[str(c)].get(name, {}).get("client_steps_per_s")) for c in cohorts]
       pts = [(c, v) for c, v in pts if v]
       if pts:
@@ -208,7 +262,7 @@ def main():
   parser.add_argument("--models", default="mlp,cnn")
   parser.add_argument("--cohorts", default="1,8,64,512,4096")
   parser.add_argument("--strategies", default=",".join(STRATEGIES))
-  parser.add_argument("--reps", type=int, default=3, help="timed rounds per point (median)")
+  parser.add_argument("--reps", type=int, default=5, help="timed rounds per point (median)")
   parser.add_argument("--chunk_size", type=int, default=64)
   parser.add_argument("--torch_clients", type=int, default=64,
                       help="clients the PyTorch loop is timed on (its throughput is per client)")
@@ -238,26 +292,21 @@ def main():
     results[model] = {}
     too_slow = set()
     for cohort in cohorts:
-      row = results[model][str(cohort)] = {}
-      torch_result = measure_torch(model, cohort, args.torch_clients, args.reps)
-      if torch_result:
-        row["pytorch_loop"] = torch_result
+      row = results[model][str(cohort)] = measure_cohort(
+          model, cohort, strategies, args.reps, args.chunk_size, args.torch_clients, too_slow,
+          args.max_round_s)
+      torch_result = row.get("pytorch_loop")
       for strategy in strategies:
-        if strategy in too_slow:
-          row[strategy] = {"skipped": f"a round took over {args.max_round_s:.0f} s at a smaller cohort"}
-        else:
-          row[strategy] = measure_jax(model, cohort, strategy, args.reps, args.chunk_size)
-          if row[strategy].get("round_s", 0) > args.max_round_s:
-            too_slow.add(strategy)
         r = row[strategy]
+        label = f"auto (= {r['resolves_to']})" if strategy == "auto" else strategy
         if "skipped" in r:
-          line = f"| {model} | {cohort} | {strategy} | skipped: {r['skipped']} |||||||"
+          line = f"| {model} | {cohort} | {label} | skipped: {r['skipped']} |||||||"
         else:
           ratio = (r["client_steps_per_s"] / torch_result["client_steps_per_s"]
                    if torch_result else None)
           r["vs_pytorch_loop"] = ratio
           gf = r["gflops"]
-          line = (f"| {model} | {cohort} | {strategy} | {r['round_s']:.4f} | "
+          line = (f"| {model} | {cohort} | {label} | {r['round_s']:.4f} | "
                   f"{r['client_steps_per_s']:.1f} | {r['examples_per_s']:.0f} | "
                   f"{gf:.1f} | {100 * gf / peak:.1f}% | {preflight.gib(r['memory_bytes'])} | "
                   f"{'n/a' if ratio is None else f'{ratio:.2f}x'} |")

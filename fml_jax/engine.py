@@ -22,7 +22,8 @@ How the client updates execute is the *strategy* (FedJAX's `for_each_client`):
   sequential  a Python loop over clients of the jitted single-client update,
               with jitted begin/finish. The plain reference the vmap path is
               tested against, and the faster choice on a small CPU.
-  auto        vmap on GPU/TPU, sequential on CPU (see WORKSPACE.md for the
+  auto        vmap, except on CPU for client updates with convolutions, which
+              run sequential (`resolve_strategy`; benchmarks/RESULTS.md has the
               measurements behind this rule).
 """
 
@@ -63,8 +64,13 @@ class RoundReport:
 
 
 def tree_is_finite(tree) -> jax.Array:
-  """() bool: no NaN or inf in any floating-point leaf."""
-  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+  """() bool: no NaN or inf in any floating-point leaf.
+
+  Written as isfinite(sum(x * 0)): every finite entry contributes 0 and a NaN or inf
+  makes the sum NaN, so it is exact (no overflow), and a sum is a fast reduction
+  where all(isfinite(x)) under vmap is not (6x slower on XLA:CPU, measured on a
+  stack of 64 MLP kernels; it was a sixth of a round's time)."""
+  flags = [jnp.isfinite(jnp.sum(x - x)) for x in jax.tree.leaves(tree)
            if jnp.issubdtype(x.dtype, jnp.inexact)]
   return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
 
@@ -123,13 +129,19 @@ def map_over_clients(fn, shared: tuple, per_client: tuple, chunk_size: int = 0):
   return jax.tree.map(lambda x: x.reshape(num_chunks * chunk_size, *x.shape[2:])[:k], out)
 
 
-def resolve_strategy(strategy: str) -> str:
+def resolve_strategy(strategy: str, uses_convolution=lambda: False) -> str:
+  """The strategy to run. `auto`: vmap, except on CPU when a client update contains a
+  convolution (`uses_convolution()`, asked only then): XLA:CPU lowers vmapped
+  convolutions to grouped ones, several times slower than a loop over clients
+  (benchmarks/RESULTS.md has the measurements behind this rule)."""
   if strategy not in STRATEGIES:
     raise ConfigError("strategy", f"unknown strategy '{strategy}'; choose one of "
                       f"{', '.join(STRATEGIES)}")
   if strategy != "auto":
     return strategy
-  return "sequential" if jax.default_backend() == "cpu" else "vmap"
+  if jax.default_backend() != "cpu":
+    return "vmap"
+  return "sequential" if uses_convolution() else "vmap"
 
 
 def concat_clients(trees: list):
@@ -160,9 +172,9 @@ class Engine:
     self.data = data
     self.clients_per_round = clients_per_round
     self.aggregation = algorithm.default_aggregation if aggregation == "auto" else aggregation
-    self.strategy = resolve_strategy(strategy)
-    self.chunk_size = chunk_size if self.strategy == "chunked" else 0
-    if self.strategy == "chunked" and chunk_size < 1:
+    if strategy not in STRATEGIES:
+      resolve_strategy(strategy)   # raises the error naming the setting
+    if strategy == "chunked" and chunk_size < 1:
       raise ConfigError("chunk_size", f"strategy 'chunked' needs chunk_size >= 1, got {chunk_size}")
     groups = np.asarray(algorithm.client_groups(data.num_clients))
     self.members = [np.flatnonzero(groups == g) for g in range(int(groups.max()) + 1)]
@@ -193,6 +205,8 @@ class Engine:
     self._exchange = jax.jit(algorithm.exchange)
     self._client_message = jax.jit(algorithm.client_message, static_argnums=4)
     self._client_update = jax.jit(algorithm.client_update, static_argnums=4)
+    self.strategy = resolve_strategy(strategy, self._uses_convolution)
+    self.chunk_size = chunk_size if self.strategy == "chunked" else 0
     self._compiled_updates: dict = {}
     self._finish = jax.jit(self.finish_round, donate_argnums=0)
     self._vmap_round = jax.jit(self.vmap_round, donate_argnums=0)
@@ -414,6 +428,17 @@ class Engine:
     if self.strategy == "sequential":
       return self.sequential_round(state)
     return self._vmap_round(state, self.data)
+
+  def _uses_convolution(self) -> bool:
+    """Whether any group's client update contains a convolution (traced, not run)."""
+    cohorts, _, server, _ = self.round_shapes(self.abstract_state(0))
+    for g, cohort in enumerate(cohorts):
+      one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), cohort)
+      jaxpr = jax.make_jaxpr(lambda s, c, i, g=g: self.algorithm.client_update(
+          s, c, i, self.data, g))(server, one.client_state, one.clients)
+      if "conv_general_dilated" in str(jaxpr):
+        return True
+    return False
 
   def round_shapes(self, state_like: RoundState):
     """Shapes inside a round: (cohorts, context, the server state the client updates

@@ -38,7 +38,7 @@ def epoch_order(key: jax.Array, num_slots: int, count: jax.Array) -> jax.Array:
 
 def run_local_steps(step_fn: StepFn, carry: Any, data, train_idx: jax.Array,
                     train_n: jax.Array, key: jax.Array, local_epochs: int,
-                    batch_size: int) -> tuple[Any, dict]:
+                    batch_size: int, min_examples: int = 0) -> tuple[Any, dict]:
   """Trains `carry` for `local_epochs` over one client's examples.
 
   Args:
@@ -48,6 +48,10 @@ def run_local_steps(step_fn: StepFn, carry: Any, data, train_idx: jax.Array,
     train_idx: (max_n,) this client's row of the index table.
     train_n: () how many entries of the row are real.
     key: this client's PRNG key for the round.
+    min_examples: a static lower bound on `train_n` (0: unknown). When it fills as
+      many batches per epoch as the row does, no step can be past the client's data,
+      so steps run unmasked: under vmap a masked step is a select over the whole
+      carry, a full extra pass over every client's state per step.
 
   Returns:
     The trained carry and each metric averaged over the steps actually taken.
@@ -70,13 +74,25 @@ def run_local_steps(step_fn: StepFn, carry: Any, data, train_idx: jax.Array,
   def body(carry, t):
     epoch, batch = t // per_epoch, t % per_epoch
     slots = jax.lax.dynamic_slice(orders[epoch], (batch * batch_size,), (batch_size,))
+    if steps_per_epoch(min_examples, batch_size) >= per_epoch:
+      carry, metrics = take_step(carry, slots, t)
+      return carry, (metrics, jnp.array(True))
     active = batch * batch_size < train_n
     metrics_shape = jax.eval_shape(take_step, carry, slots, t)[1]
     skip = lambda c, s, t: (c, jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metrics_shape))
     carry, metrics = jax.lax.cond(active, take_step, skip, carry, slots, t)
     return carry, (metrics, active)
 
-  carry, (metrics, active) = jax.lax.scan(body, carry, jnp.arange(local_epochs * per_epoch))
+  # The first step runs before the scan. Under vmap a carry that starts shared by the
+  # cohort (FML's meme, forked from the global model, and its fresh optimizer state)
+  # but comes out per client would be broadcast to every client before the loop: a
+  # whole extra write and read of the cohort's copies. Outside the loop the first
+  # step reads the shared values and writes per-client ones directly.
+  num_steps = local_epochs * per_epoch
+  carry, (first_metrics, first_active) = body(carry, jnp.int32(0))
+  carry, (metrics, active) = jax.lax.scan(body, carry, jnp.arange(1, num_steps))
+  metrics, active = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]),
+                                 (first_metrics, first_active), (metrics, active))
   steps_taken = jnp.maximum(jnp.sum(active), 1)
   metrics = jax.tree.map(lambda m: jnp.sum(jnp.where(active, m, 0.0)) / steps_taken, metrics)
   return carry, metrics

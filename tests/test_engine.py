@@ -262,3 +262,48 @@ def test_padding_does_not_change_a_clients_result():
   assert_trees_close(results[0], results[1], rtol=1e-6, atol=1e-7)
   # ... and training did something.
   assert np.abs(np.asarray(results[0].params)).sum() > 0
+
+
+@pytest.mark.parametrize("sizes,batch_size", [([12, 10], 4), ([7, 8], 4), ([16, 16], 8)])
+def test_unmasked_steps_when_every_client_fills_every_batch(sizes, batch_size):
+  """When the smallest client fills as many batches as the longest row (data.min_train),
+  steps run without the mask, vmapped over clients, and train exactly as the masked
+  scan does (which the plain loop above checks)."""
+  data = tiny_data(sizes)
+  assert data.min_train == min(sizes)
+  optimizer = make_optimizer(small_config(optimizer="sgd", learning_rate=0.1, momentum=0.9))
+  step = linear_step(optimizer)
+  state = TrainState.create(jnp.asarray(np.random.default_rng(2).normal(size=(8, 3)),
+                                        jnp.float32), optimizer)
+  keys = jax.random.split(jax.random.PRNGKey(4), len(sizes))
+
+  def train(min_examples):
+    return jax.jit(jax.vmap(lambda idx, n, k: local_training.run_local_steps(
+        step, state, data, idx, n, k, 2, batch_size, min_examples=min_examples)))(
+            data.train_idx, data.train_n, keys)
+  masked, masked_metrics = train(0)
+  unmasked, unmasked_metrics = train(data.min_train)
+  assert_trees_close(unmasked, masked, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(unmasked_metrics["train_loss"], masked_metrics["train_loss"],
+                             rtol=1e-6)
+  # The unmasked program has no conditional step at all (the point of it).
+  def jaxpr(min_examples):
+    return str(jax.make_jaxpr(lambda s: local_training.run_local_steps(
+        step, s, data, data.train_idx[0], data.train_n[0], keys[0], 2, batch_size,
+        min_examples=min_examples))(state))
+  assert "cond[" in jaxpr(0) and "cond[" not in jaxpr(data.min_train)
+
+
+def test_auto_strategy_is_vmap_except_convolutions_on_cpu():
+  assert jax.default_backend() == "cpu"
+  for model, expected in (("mlp", "vmap"), ("cnn", "sequential")):
+    config = small_config(algorithm="fml", model=model, num_clients=2, clients_per_round=2)
+    if model == "cnn":
+      data = from_client_lists(np.zeros((8, 28, 28, 1), np.uint8), np.zeros(8, np.int32),
+                               np.zeros((2, 28, 28, 1), np.uint8), np.zeros(2, np.int32),
+                               [np.arange(4), np.arange(4, 8)], [np.arange(2)] * 2, 10)
+    else:
+      data = tiny_data([6, 6])
+    engine = Engine(build_algorithm(config, data.num_classes, data.input_shape), data, 2,
+                    "uniform", "auto")
+    assert engine.strategy == expected, model

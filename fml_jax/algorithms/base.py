@@ -217,4 +217,5 @@ class Algorithm(abc.ABC):
   def train(self, step_fn, carry, client: ClientInfo, data):
     """Runs this algorithm's step over the client's local epochs (shared machinery)."""
     return run_local_steps(step_fn, carry, data, client.train_idx, client.train_n, client.key,
-                           self.config.local_epochs, self.config.batch_size)
+                           self.config.local_epochs, self.config.batch_size,
+                           min_examples=data.min_train)

@@ -58,7 +58,9 @@ def client_model_groups(config, num_classes: int, input_shape: tuple,
   catfish = {names[int(c)] for c in split_list(config.catfish_clients)}
 
   def build(name, task):
-    field = "catfish_model" if name in catfish else "local_models"
+    # Name the setting the model came from: local_models is "" when it defaults to model.
+    field = ("catfish_model" if name in catfish else
+             "local_models" if config.local_models else "model")
     return ClientModelGroup(name, task, build_model(name, task.num_outputs, input_shape, field))
 
   groups = [build(name, task) for name, task in keys]

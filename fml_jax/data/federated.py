@@ -35,6 +35,10 @@ class FederatedData:
   # Per-channel mean/std applied to uint8 inputs after scaling to [0, 1].
   input_mean: tuple = struct.field(pytree_node=False, default=())
   input_std: tuple = struct.field(pytree_node=False, default=())
+  # The smallest client's training examples: a static lower bound on every `train_n`, so
+  # local training knows when no client of a round can run out of batches early (then
+  # no step needs masking; see local_training.run_local_steps).
+  min_train: int = struct.field(pytree_node=False, default=0)
 
   @property
   def num_clients(self) -> int:
@@ -88,7 +92,7 @@ def from_client_lists(x_train, y_train, x_test, y_test, train_parts, test_parts,
       train_idx=jnp.asarray(train_idx), train_n=jnp.asarray(train_n),
       test_idx=jnp.asarray(test_idx), test_n=jnp.asarray(test_n),
       x_public=jnp.asarray(x_public), y_public=jnp.asarray(y_public, jnp.int32),
-      num_classes=num_classes, input_mean=mean, input_std=std)
+      num_classes=num_classes, input_mean=mean, input_std=std, min_train=int(train_n.min()))
 
 
 def _synthetic(config) -> FederatedData:

@@ -1,0 +1,68 @@
+"""fml_jax.conv: the convolution with loop-friendly gradients equals lax's, values and
+gradients, and falls back to lax for the cases it does not cover."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from fml_jax import conv, models
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+def loss_and_grads(conv_fn, x, w, strides=(1, 1), padding="SAME", **kw):
+  def loss(x, w):
+    y = conv_fn(x, w, strides, padding, dimension_numbers=DN, **kw)
+    return jnp.sum(jnp.sin(y) * jnp.arange(y.size, dtype=y.dtype).reshape(y.shape) / y.size)
+  return jax.jit(jax.value_and_grad(loss, (0, 1)))(x, w)
+
+
+@pytest.mark.parametrize("shape,kernel,padding", [
+    ((3, 12, 10, 2), (5, 5, 2, 4), "SAME"),
+    ((3, 12, 10, 2), (5, 5, 2, 4), "VALID"),
+    ((2, 9, 9, 3), (3, 3, 3, 5), ((1, 0), (2, 1))),
+    ((4, 8, 8, 1), (3, 2, 1, 6), "SAME"),       # even kernel width: asymmetric SAME pads
+])
+def test_values_and_gradients_equal_lax(shape, kernel, padding):
+  kx, kw = jax.random.split(jax.random.PRNGKey(0))
+  x, w = jax.random.normal(kx, shape), jax.random.normal(kw, kernel)
+  (value, grads) = loss_and_grads(conv.conv_general_dilated, x, w, padding=padding)
+  (ref_value, ref_grads) = loss_and_grads(lax.conv_general_dilated, x, w, padding=padding)
+  np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+  for g, ref in zip(grads, ref_grads):
+    assert g.shape == ref.shape
+    np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_cases_it_does_not_cover_fall_back_to_lax():
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 9, 9, 4))
+  w = jax.random.normal(jax.random.PRNGKey(2), (3, 3, 2, 4))
+  for kw in ({"strides": (2, 2)}, {"feature_group_count": 2}):
+    strides = kw.pop("strides", (1, 1))
+    ww = w if kw else jnp.concatenate([w, w], axis=2)
+    ours = loss_and_grads(conv.conv_general_dilated, x, ww, strides, **kw)
+    ref = loss_and_grads(lax.conv_general_dilated, x, ww, strides, **kw)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+      np.testing.assert_array_equal(a, b)
+    jaxpr = str(jax.make_jaxpr(lambda x, w: conv.conv_general_dilated(
+        x, w, strides, "SAME", dimension_numbers=DN, **kw))(x, ww))
+    assert "custom_vjp" not in jaxpr
+
+
+@pytest.mark.parametrize("name", ["cnn", "lenet5", "fedmd_small_p0"])
+def test_models_train_through_it(name):
+  """The models' convolutions use the custom gradient (so the training scan keeps
+  XLA:CPU's fast kernels), and their parameter names are unchanged."""
+  model = models.build_model(name, 10, (28, 28, 1))
+  variables = models.init_variables(model, jax.random.PRNGKey(0), (28, 28, 1))
+  assert "Conv_0" in variables["params"]
+  x = jnp.ones((2, 28, 28, 1))
+
+  def loss(params):
+    logits, _ = models.forward(model, params, {k: v for k, v in variables.items()
+                                               if k != "params"}, x, False, None)
+    return jnp.sum(logits)
+  assert "custom_vjp_call" in str(jax.make_jaxpr(loss)(variables["params"]))
+  assert all(np.isfinite(g).all() for g in jax.tree.leaves(jax.grad(loss)(variables["params"])))
