@@ -20,6 +20,10 @@ if TYPE_CHECKING:   # evaluation is imported by algorithms; avoid the cycle
 
 # Examples evaluated at once (summed over the clients of a chunk), bounding activation memory.
 EXAMPLES_PER_CALL = 4096
+# Per-client model bytes copied into one chunk at most: with tiny test splits the
+# example bound alone would copy thousands of models at once (10,000 FML MLPs with one
+# test example each: 6 GiB, enough to kill a run on a 24 GiB machine).
+MODEL_BYTES_PER_CALL = 256 * 2**20
 
 
 def evaluate_rows(model: nn.Module, variables, x_all: jax.Array, y_all: jax.Array,
@@ -89,8 +93,11 @@ def evaluate_personalized(models: PersonalizedModels, data: FederatedData,
   else:
     test_idx, test_n = data.test_idx, data.test_n
     batch_size = min(test_idx.shape[1], 256)
-  chunk = max(1, min(num, EXAMPLES_PER_CALL // batch_size))
   variables = (models.params, models.model_state)
+  chunk = max(1, min(num, EXAMPLES_PER_CALL // batch_size))
+  if models.per_client:
+    per_model = sum(x.nbytes for x in jax.tree.leaves(variables)) // max(num, 1)
+    chunk = max(1, min(chunk, MODEL_BYTES_PER_CALL // max(per_model, 1)))
   accs, losses = [], []
   for start in range(0, num, chunk):
     pos = np.arange(start, start + chunk)

@@ -17,6 +17,7 @@ import dataclasses
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fml_jax import tasks
@@ -67,6 +68,31 @@ def client_model_groups(config, num_classes: int, input_shape: tuple,
   return group_of, groups
 
 
+INIT_BATCH = 256   # clients initialized at once (bounds the memory init needs)
+
+
+def map_in_place(fn, xs: jax.Array, batch: int):
+  """vmap(fn)(xs), computed `batch` rows at a time into one preallocated output.
+
+  Same values as the vmap, but only one batch's temporaries (random bits, ...) live
+  at once, and nothing is concatenated: a plain vmap over 10,000 FML MLPs needed
+  half the population again in temporaries (XLA's memory analysis: 7.6 GiB on top of
+  14.8 GiB) and was killed on a 24 GiB machine. The last batch starts at n - batch,
+  overlapping the one before; the overlap is recomputed to the same values."""
+  n = xs.shape[0]
+  if n <= batch:
+    return jax.vmap(fn)(xs)
+  shapes = jax.eval_shape(jax.vmap(fn), xs[:batch])
+  out = jax.tree.map(lambda s: jnp.zeros((n, *s.shape[1:]), s.dtype), shapes)
+
+  def body(i, out):
+    start = jnp.minimum(i * batch, n - batch)
+    part = jax.vmap(fn)(jax.lax.dynamic_slice_in_dim(xs, start, batch))
+    return jax.tree.map(lambda o, p: jax.lax.dynamic_update_slice_in_dim(o, p, start, 0),
+                        out, part)
+  return jax.lax.fori_loop(0, -(-n // batch), body, out)
+
+
 def init_group_states(groups: list[ClientModelGroup], group_of: np.ndarray, key: jax.Array,
                       input_shape: tuple, optimizer) -> tuple:
   """Every client's fresh local TrainState, stacked per group. Client i's model is
@@ -77,7 +103,7 @@ def init_group_states(groups: list[ClientModelGroup], group_of: np.ndarray, key:
     members = np.flatnonzero(group_of == g)
     init = lambda k, m=group.model: TrainState.from_variables(init_variables(m, k, input_shape),
                                                               optimizer)
-    states.append(jax.vmap(init)(keys[members]))
+    states.append(map_in_place(init, keys[members], INIT_BATCH))
   return tuple(states)
 
 
