@@ -18,6 +18,12 @@ for one client's step, times the cohort), XLA's memory estimate for
 the round, and each strategy's speed relative to the PyTorch loop. Sizes whose
 memory estimate does not fit are skipped with a message. Writes JSON, a markdown
 table and (with matplotlib) a log-log plot.
+
+At each cohort size every strategy and the PyTorch loop are set up first and then
+timed round-robin (one round of each in turn, --reps times; medians reported), so a
+slow spell of a shared machine hits all of them alike. `auto` is the engine's own
+rule, reported as the strategy it picks. The JSON and markdown are rewritten after
+every cohort, marked incomplete until the last one.
 """
 
 from __future__ import annotations
@@ -106,8 +112,9 @@ def setup_jax(model: str, cohort: int, strategy: str, chunk_size: int, reserved:
   estimate = preflight.estimate_memory(engine, abstract)
   available = preflight.available_memory()
   if available is not None and estimate.total + reserved > preflight.HEADROOM * available:
-    return {"skipped": f"needs {preflight.gib(estimate.total)}, "
-                       f"{preflight.gib(available - reserved)} free"}
+    held = f" beside {preflight.gib(reserved)} held by the other strategies" if reserved else ""
+    return {"skipped": f"needs {preflight.gib(estimate.total)}{held}, "
+                       f"{preflight.gib(available)} free"}
   holder = {"state": engine.init(0)}
 
   def one_round():
@@ -256,6 +263,18 @@ def plot(results: dict, path: Path) -> bool:
   return True
 
 
+def save(out: Path, machine: dict, results: dict, lines: list, complete: bool):
+  """JSON and markdown of the rows so far, each written whole (temp file, then rename);
+  until the last cohort they say the run is incomplete."""
+  note = "" if complete else "\n(incomplete: the run stopped or is still running)\n"
+  for suffix, text in ((".json", json.dumps({"machine": machine, "complete": complete,
+                                              "results": results}, indent=2) + "\n"),
+                       (".md", "\n".join(lines) + "\n" + note)):
+    tmp = out.with_suffix(suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(out.with_suffix(suffix))
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--quick", action="store_true", help="mlp, cohort 8 (CI smoke test)")
@@ -287,6 +306,8 @@ def main():
             "% of matmul peak | memory est. | vs PyTorch loop |")
   lines = [header, "|" + "---|" * 10]
   print(lines[0]), print(lines[1])
+  out = Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
   results = {}
   for model in models:
     results[model] = {}
@@ -320,11 +341,8 @@ def main():
         line = f"| {model} | {cohort} | pytorch loop | skipped: torch is not installed |||||||"
       lines.append(line)
       print(line, flush=True)
-  out = Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.with_suffix(".json").write_text(json.dumps({"machine": machine, "results": results},
-                                                 indent=2) + "\n")
-  out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+      save(out, machine, results, lines, complete=False)   # an interrupted run keeps its rows
+  save(out, machine, results, lines, complete=True)
   plotted = plot(results, out.with_suffix(".png"))
   print(f"\nwrote {out.with_suffix('.json')}, {out.with_suffix('.md')}"
         f"{', ' + str(out.with_suffix('.png')) if plotted else ''}")

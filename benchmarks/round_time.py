@@ -86,7 +86,7 @@ def main():
   parser.add_argument("--rounds", type=int, default=6, help="rounds per strategy (first is warm-up)")
   parser.add_argument("--cnn", action="store_true",
                       help="also FML with the CNN on MNIST (minutes per round on a 2-core CPU)")
-  parser.add_argument("--out", default="benchmarks/round_time.json")
+  parser.add_argument("--out", default="benchmarks/results/round_time.json")
   args = parser.parse_args()
   rounds = 4 if args.quick else args.rounds
   result = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "backend": jax.default_backend(),

@@ -23,9 +23,9 @@ How the client updates execute is the *strategy* (FedJAX's `for_each_client`):
   sequential  a Python loop over clients of the jitted single-client update,
               with jitted begin/finish. The plain reference the vmap path is
               tested against, and the faster choice on a small CPU.
-  auto        vmap, except on CPU for client updates with convolutions, which
-              run sequential (`resolve_strategy`; benchmarks/RESULTS.md has the
-              measurements behind this rule).
+  auto        vmap on GPU/TPU; on CPU, vmap only for rounds of a few local steps
+              without convolutions, else sequential (`resolve_strategy`;
+              benchmarks/RESULTS.md has the measurements behind this rule).
 """
 
 from __future__ import annotations
@@ -130,11 +130,19 @@ def map_over_clients(fn, shared: tuple, per_client: tuple, chunk_size: int = 0):
   return jax.tree.map(lambda x: x.reshape(num_chunks * chunk_size, *x.shape[2:])[:k], out)
 
 
-def resolve_strategy(strategy: str, uses_convolution=lambda: False) -> str:
-  """The strategy to run. `auto`: vmap, except on CPU when a client update contains a
-  convolution (`uses_convolution()`, asked only then): XLA:CPU lowers vmapped
-  convolutions to grouped ones, several times slower than a loop over clients
-  (benchmarks/RESULTS.md has the measurements behind this rule)."""
+# On XLA:CPU a vmapped round beats a loop of single-client updates only while the
+# per-client overhead of the loop dominates: up to about 8 local steps per round
+# (FML MLP, batch 32, cohorts 10 and 64: 2.8-3.3x at 1 step, 1.1x at 8, 0.8-0.96x at
+# 32; benchmarks/RESULTS.md). Beyond that the loop keeps one client's models in cache.
+CPU_VMAP_MAX_STEPS = 8
+
+
+def resolve_strategy(strategy: str, cpu_prefers_vmap=lambda: False) -> str:
+  """The strategy to run. `auto`: vmap on GPU/TPU; on CPU, vmap only when
+  `cpu_prefers_vmap()` (asked only then; the engine's rule: no convolution in a client
+  update, and at most CPU_VMAP_MAX_STEPS local steps per round), else sequential.
+  XLA:CPU lowers vmapped convolutions to grouped ones, several times slower than a
+  loop over clients."""
   if strategy not in STRATEGIES:
     raise ConfigError("strategy", f"unknown strategy '{strategy}'; choose one of "
                       f"{', '.join(STRATEGIES)}")
@@ -142,7 +150,7 @@ def resolve_strategy(strategy: str, uses_convolution=lambda: False) -> str:
     return strategy
   if jax.default_backend() != "cpu":
     return "vmap"
-  return "sequential" if uses_convolution() else "vmap"
+  return "vmap" if cpu_prefers_vmap() else "sequential"
 
 
 def concat_clients(trees: list):
@@ -207,7 +215,7 @@ class Engine:
     self._client_message = jax.jit(algorithm.client_message, static_argnums=4)
     self._client_update = jax.jit(algorithm.client_update, static_argnums=4)
     self.chunk_size = 0   # (tracing for `auto` maps plainly)
-    self.strategy = resolve_strategy(strategy, self._uses_convolution)
+    self.strategy = resolve_strategy(strategy, self._cpu_prefers_vmap)
     self.chunk_size = chunk_size if self.strategy == "chunked" else 0
     self._compiled_updates: dict = {}
     self._finish = jax.jit(self.finish_round, donate_argnums=0)
@@ -441,6 +449,16 @@ class Engine:
     if self.strategy == "sequential":
       return self.sequential_round(state)
     return self._vmap_round(state, self.data)
+
+  def local_steps_per_round(self) -> int:
+    """Local steps every client scans in a round (local_epochs x batches of the longest
+    row of the index table)."""
+    config = self.algorithm.config
+    return config.local_epochs * -(-self.data.train_idx.shape[1] // config.batch_size)
+
+  def _cpu_prefers_vmap(self) -> bool:
+    return (self.local_steps_per_round() <= CPU_VMAP_MAX_STEPS
+            and not self._uses_convolution())
 
   def _uses_convolution(self) -> bool:
     """Whether any group's client update contains a convolution (traced, not run)."""

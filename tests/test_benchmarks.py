@@ -28,6 +28,7 @@ def test_client_scaling_quick(tmp_path):
                          f"--out={out}"], cwd=REPO, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-2000:]
   result = json.loads(out.with_suffix(".json").read_text())
+  assert result["complete"] is True
   row = result["results"]["mlp"]["8"]
   for strategy in ("sequential", "vmap", "chunked"):
     assert row[strategy]["client_steps_per_s"] > 0

@@ -10,6 +10,7 @@ import pytest
 from fml_jax import local_training
 from fml_jax.algorithms import build_algorithm
 from fml_jax.data import from_client_lists, load_federated_data
+from fml_jax import engine as engine_module
 from fml_jax.engine import Engine
 from fml_jax.optimizers import TrainState, make_optimizer
 
@@ -294,16 +295,24 @@ def test_unmasked_steps_when_every_client_fills_every_batch(sizes, batch_size):
   assert "cond[" in jaxpr(0) and "cond[" not in jaxpr(data.min_train)
 
 
-def test_auto_strategy_is_vmap_except_convolutions_on_cpu():
+def test_auto_strategy_on_cpu_is_vmap_only_for_few_steps_without_convolutions():
   assert jax.default_backend() == "cpu"
-  for model, expected in (("mlp", "vmap"), ("cnn", "sequential")):
-    config = small_config(algorithm="fml", model=model, num_clients=2, clients_per_round=2)
-    if model == "cnn":
-      data = from_client_lists(np.zeros((8, 28, 28, 1), np.uint8), np.zeros(8, np.int32),
-                               np.zeros((2, 28, 28, 1), np.uint8), np.zeros(2, np.int32),
-                               [np.arange(4), np.arange(4, 8)], [np.arange(2)] * 2, 10)
-    else:
-      data = tiny_data([6, 6])
+  images = from_client_lists(np.zeros((8, 28, 28, 1), np.uint8), np.zeros(8, np.int32),
+                             np.zeros((2, 28, 28, 1), np.uint8), np.zeros(2, np.int32),
+                             [np.arange(4), np.arange(4, 8)], [np.arange(2)] * 2, 10)
+  cases = [("mlp", tiny_data([6, 6]), 2, "vmap"),         # 2 epochs x 1 batch of 16
+           ("cnn", images, 2, "sequential")]              # a convolution
+  for model, data, epochs, expected in cases:
+    config = small_config(algorithm="fml", model=model, num_clients=2, clients_per_round=2,
+                          local_epochs=epochs)
     engine = Engine(build_algorithm(config, data.num_classes, data.input_shape), data, 2,
                     "uniform", "auto")
     assert engine.strategy == expected, model
+  # ... and more local steps per round than CPU_VMAP_MAX_STEPS.
+  config = small_config(algorithm="fml", model="mlp", num_clients=2, clients_per_round=2,
+                        local_epochs=3)
+  data = tiny_data([60, 40])
+  engine = Engine(build_algorithm(config, data.num_classes, data.input_shape), data, 2,
+                  "uniform", "auto")
+  assert engine.local_steps_per_round() == 3 * 4 > engine_module.CPU_VMAP_MAX_STEPS
+  assert engine.strategy == "sequential"
