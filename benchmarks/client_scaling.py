@@ -4,10 +4,14 @@ the peers' way (a PyTorch loop over clients), in the same run.
   python benchmarks/client_scaling.py                 # mlp and cnn, cohorts 1 .. 4096
   python benchmarks/client_scaling.py --quick         # mlp, cohort 8 only (CI smoke test)
   python benchmarks/client_scaling.py --models=mlp --cohorts=1,64,4096,32768
+  python benchmarks/client_scaling.py --models=mlp --cohorts=10,64 --steps=8 \
+      --strategies=sequential,vmap,auto --torch_clients=0   # where vmap stops paying on a CPU
 
-What is timed: a federated round in which each of `cohort` clients takes exactly one
-FML step (meme and local model, batch 32, MNIST-shaped inputs): sampling, gathering,
-the step, scattering and averaging, as `Engine.run_round` does it. The PyTorch
+What is timed: a federated round in which each of `cohort` clients takes `--steps`
+FML steps (default 1; meme and local model, batch 32, MNIST-shaped inputs):
+sampling, gathering, the steps, scattering and averaging, as `Engine.run_round`
+does it. One step per round measures the per-round overheads; `--steps=32` is
+closer to real local training. The PyTorch
 reference runs the same FML step (same architectures, losses and SGD settings) in
 a Python loop over clients, forking the meme from the global model each time, as
 the official FML code and PFLlib do; its throughput does not depend on the cohort,
@@ -63,12 +67,14 @@ def fml_config(model: str, cohort: int, chunk_size: int):
   return c
 
 
-def one_step_data(cohort: int, seed: int = 0):
-  """MNIST-shaped random data, exactly one batch per client (so one step each)."""
+def benchmark_data(cohort: int, steps: int = 1, seed: int = 0):
+  """MNIST-shaped random data, exactly `steps` full batches per client (one epoch is
+  `steps` local steps for every client, none masked)."""
   rng = np.random.default_rng(seed)
-  x = rng.integers(0, 256, (cohort * BATCH, *INPUT_SHAPE), dtype=np.uint8)
-  y = rng.integers(0, 10, cohort * BATCH).astype(np.int32)
-  parts = [np.arange(i * BATCH, (i + 1) * BATCH) for i in range(cohort)]
+  n = steps * BATCH
+  x = rng.integers(0, 256, (cohort * n, *INPUT_SHAPE), dtype=np.uint8)
+  y = rng.integers(0, 10, cohort * n).astype(np.int32)
+  parts = [np.arange(i * n, (i + 1) * n) for i in range(cohort)]
   return from_client_lists(x, y, x[:BATCH], y[:BATCH], parts, [np.arange(BATCH)] * cohort, 10)
 
 
@@ -94,18 +100,19 @@ def per_client_flops(model: str) -> float:
   undercount `chunked`."""
   if model not in _PER_CLIENT_FLOPS:
     config = fml_config(model, 1, 1)
-    engine = Engine(build_algorithm(config, 10, INPUT_SHAPE), one_step_data(1), 1, "uniform",
+    engine = Engine(build_algorithm(config, 10, INPUT_SHAPE), benchmark_data(1), 1, "uniform",
                     "sequential")
     engine.compile(engine.abstract_state(0))
     _PER_CLIENT_FLOPS[model] = engine.compiled_flops
   return _PER_CLIENT_FLOPS[model]
 
 
-def setup_jax(model: str, cohort: int, strategy: str, chunk_size: int, reserved: int = 0):
+def setup_jax(model: str, cohort: int, steps: int, strategy: str, chunk_size: int,
+              reserved: int = 0):
   """An engine ready to time (compiled, warmed up), or {"skipped": why} when XLA's memory
   estimate does not fit in the free memory less `reserved` (engines already set up)."""
   config = fml_config(model, cohort, min(chunk_size, cohort))
-  data = one_step_data(cohort)
+  data = benchmark_data(cohort, steps)
   engine = Engine(build_algorithm(config, 10, INPUT_SHAPE), data, cohort, "uniform", strategy,
                   chunk_size=config.chunk_size)
   abstract = engine.abstract_state(0)
@@ -125,16 +132,19 @@ def setup_jax(model: str, cohort: int, strategy: str, chunk_size: int, reserved:
   return {"run": one_round, "memory_bytes": estimate.total, "resolved": engine.strategy}
 
 
-def jax_result(setup: dict, times: list, model: str, cohort: int) -> dict:
+def jax_result(setup: dict, times: list, model: str, cohort: int, steps: int) -> dict:
   t = statistics.median(times)
-  flops = per_client_flops(model) * cohort
-  return {"round_s": t, "client_steps_per_s": cohort / t, "examples_per_s": cohort * BATCH / t,
+  flops = per_client_flops(model) * cohort * steps
+  return {"round_s": t, "client_steps_per_s": cohort * steps / t,
+          "examples_per_s": cohort * steps * BATCH / t,
           "gflops": flops / t / 1e9 if flops else None, "memory_bytes": setup["memory_bytes"]}
 
 
-def setup_torch(model: str, cohort: int, max_clients: int):
+def setup_torch(model: str, cohort: int, steps: int, max_clients: int):
   """The peers' way: a Python loop over clients of the same FML step in PyTorch. Returns
   (one round over min(cohort, max_clients) clients, clients timed), or None without torch."""
+  if max_clients < 1:
+    return None
   try:
     import torch  # pylint: disable=g-import-not-at-top
     import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
@@ -165,23 +175,25 @@ def setup_torch(model: str, cohort: int, max_clients: int):
     for local, local_opt in zip(locals_, local_opts):
       meme.load_state_dict(global_model.state_dict())           # fork the meme
       meme_opt = torch.optim.SGD(meme.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-      lm, ll = meme(x), local(x)
-      loss_local = 0.5 * F.cross_entropy(ll, y) + 0.5 * kl(F.log_softmax(ll, 1),
-                                                            F.softmax(lm.detach(), 1))
-      loss_meme = 0.5 * F.cross_entropy(lm, y) + 0.5 * kl(F.log_softmax(lm, 1),
-                                                           F.softmax(ll.detach(), 1))
-      meme_opt.zero_grad()
-      local_opt.zero_grad()
-      (loss_meme + loss_local).backward()
-      meme_opt.step()
-      local_opt.step()
+      for _ in range(steps):
+        lm, ll = meme(x), local(x)
+        loss_local = 0.5 * F.cross_entropy(ll, y) + 0.5 * kl(F.log_softmax(ll, 1),
+                                                              F.softmax(lm.detach(), 1))
+        loss_meme = 0.5 * F.cross_entropy(lm, y) + 0.5 * kl(F.log_softmax(lm, 1),
+                                                             F.softmax(ll.detach(), 1))
+        meme_opt.zero_grad()
+        local_opt.zero_grad()
+        (loss_meme + loss_local).backward()
+        meme_opt.step()
+        local_opt.step()
 
   one_round()   # warm-up
   return one_round, n, torch.__version__
 
 
-def measure_cohort(model: str, cohort: int, strategies: list, reps: int, chunk_size: int,
-                   torch_clients: int, too_slow: set, max_round_s: float) -> dict:
+def measure_cohort(model: str, cohort: int, steps: int, strategies: list, reps: int,
+                   chunk_size: int, torch_clients: int, too_slow: set,
+                   max_round_s: float) -> dict:
   """Every strategy and the PyTorch loop at one cohort size, timed round-robin (one
   round of each in turn, `reps` times), so a slow spell of a shared machine hits all
   of them alike. `auto` is reported as the strategy it resolves to, not run twice."""
@@ -190,13 +202,13 @@ def measure_cohort(model: str, cohort: int, strategies: list, reps: int, chunk_s
     if strategy in too_slow:
       row[strategy] = {"skipped": f"a round took over {max_round_s:.0f} s at a smaller cohort"}
       continue
-    setup = setup_jax(model, cohort, strategy, chunk_size, reserved)
+    setup = setup_jax(model, cohort, steps, strategy, chunk_size, reserved)
     if "skipped" in setup:
       row[strategy] = setup
     else:
       setups[strategy] = setup
       reserved += setup["memory_bytes"]
-  torch_setup = setup_torch(model, cohort, torch_clients)
+  torch_setup = setup_torch(model, cohort, steps, torch_clients)
   times = {name: [] for name in setups}
   torch_times = []
   for _ in range(reps):
@@ -209,15 +221,15 @@ def measure_cohort(model: str, cohort: int, strategies: list, reps: int, chunk_s
       torch_setup[0]()
       torch_times.append(time.perf_counter() - t0)
   for name, setup in setups.items():
-    row[name] = jax_result(setup, times[name], model, cohort)
+    row[name] = jax_result(setup, times[name], model, cohort, steps)
     if row[name]["round_s"] > max_round_s:
       too_slow.add(name)
   if torch_setup:
-    t = statistics.median(torch_times) / torch_setup[1]   # seconds per client-step
+    t = statistics.median(torch_times) / (torch_setup[1] * steps)   # s per client-step
     row["pytorch_loop"] = {"client_steps_per_s": 1 / t, "examples_per_s": BATCH / t,
                            "clients_timed": torch_setup[1], "torch_version": torch_setup[2]}
   if "auto" in strategies:
-    resolved = auto_strategy(model)
+    resolved = auto_strategy(model, steps)
     row["auto"] = {**row.get(resolved, {"skipped": f"{resolved} was not measured"}),
                    "resolves_to": resolved}
   return row
@@ -226,16 +238,17 @@ def measure_cohort(model: str, cohort: int, strategies: list, reps: int, chunk_s
 _AUTO = {}
 
 
-def auto_strategy(model: str) -> str:
-  """What `strategy=auto` picks for this model on this backend (the engine's own rule)."""
-  if model not in _AUTO:
+def auto_strategy(model: str, steps: int) -> str:
+  """What `strategy=auto` picks for this model and steps on this backend (the engine's
+  own rule)."""
+  if (model, steps) not in _AUTO:
     config = fml_config(model, 1, 1)
-    _AUTO[model] = Engine(build_algorithm(config, 10, INPUT_SHAPE), one_step_data(1), 1,
-                          "uniform", "auto").strategy
-  return _AUTO[model]
+    _AUTO[model, steps] = Engine(build_algorithm(config, 10, INPUT_SHAPE),
+                                 benchmark_data(1, steps), 1, "uniform", "auto").strategy
+  return _AUTO[model, steps]
 
 
-def plot(results: dict, path: Path) -> bool:
+def plot(results: dict, path: Path, steps: int) -> bool:
   try:
     import matplotlib  # pylint: disable=g-import-not-at-top
     matplotlib.use("Agg")
@@ -253,9 +266,10 @@ def plot(results: dict, path: Path) -> bool:
         ax.plot(*zip(*pts), marker="o", label=name, linestyle="--" if "pytorch" in name else "-")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("clients per round (one FML step each)")
+    ax.set_xlabel("clients per round")
     ax.set_ylabel("client-steps / s")
-    ax.set_title(f"FML step, {model}, batch {BATCH}, {jax.default_backend()}")
+    ax.set_title(f"FML, {model}, batch {BATCH}, {steps} step(s)/round, "
+                 f"{jax.default_backend()}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
   fig.tight_layout()
@@ -283,8 +297,11 @@ def main():
   parser.add_argument("--strategies", default=",".join(STRATEGIES))
   parser.add_argument("--reps", type=int, default=5, help="timed rounds per point (median)")
   parser.add_argument("--chunk_size", type=int, default=64)
+  parser.add_argument("--steps", type=int, default=1,
+                      help="local steps per client per round (one epoch of this many batches)")
   parser.add_argument("--torch_clients", type=int, default=64,
-                      help="clients the PyTorch loop is timed on (its throughput is per client)")
+                      help="clients the PyTorch loop is timed on (its throughput is per "
+                           "client); 0: no PyTorch loop")
   parser.add_argument("--max_round_s", type=float, default=60.0,
                       help="stop growing the cohort for a strategy once a round takes longer")
   parser.add_argument("--out", default="benchmarks/results/client_scaling")
@@ -299,7 +316,7 @@ def main():
   machine = {"backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
              "cpu_count": os.cpu_count(), "jax": jax.__version__,
              "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
-             "matmul_peak_gflops": peak}
+             "matmul_peak_gflops": peak, "local_steps_per_round": args.steps}
   print(f"{machine['devices'][0]} x{len(jax.devices())}, {machine['cpu_count']} CPU cores, "
         f"jax {jax.__version__}; float32 matmul peak {peak:.0f} GFLOP/s\n")
   header = ("| model | cohort | strategy | round (s) | client-steps/s | examples/s | GFLOP/s | "
@@ -314,7 +331,7 @@ def main():
     too_slow = set()
     for cohort in cohorts:
       row = results[model][str(cohort)] = measure_cohort(
-          model, cohort, strategies, args.reps, args.chunk_size, args.torch_clients, too_slow,
+          model, cohort, args.steps, strategies, args.reps, args.chunk_size, args.torch_clients, too_slow,
           args.max_round_s)
       torch_result = row.get("pytorch_loop")
       for strategy in strategies:
@@ -338,12 +355,13 @@ def main():
                 f"timed) | | {torch_result['client_steps_per_s']:.1f} | "
                 f"{torch_result['examples_per_s']:.0f} | | | | 1.00x |")
       else:
-        line = f"| {model} | {cohort} | pytorch loop | skipped: torch is not installed |||||||"
+        why = "--torch_clients=0" if args.torch_clients < 1 else "torch is not installed"
+        line = f"| {model} | {cohort} | pytorch loop | skipped: {why} |||||||"
       lines.append(line)
       print(line, flush=True)
       save(out, machine, results, lines, complete=False)   # an interrupted run keeps its rows
   save(out, machine, results, lines, complete=True)
-  plotted = plot(results, out.with_suffix(".png"))
+  plotted = plot(results, out.with_suffix(".png"), args.steps)
   print(f"\nwrote {out.with_suffix('.json')}, {out.with_suffix('.md')}"
         f"{', ' + str(out.with_suffix('.png')) if plotted else ''}")
 
