@@ -380,3 +380,37 @@ def test_public_dataset_puts_its_classes_first():
   assert data.x_public.shape[0] == 100 and int(data.y_public.max()) <= 9
   assert set(np.unique(np.asarray(data.y_train)).tolist()) == {10, 11, 12, 13, 14}
   assert set(np.unique(np.asarray(data.y_test)).tolist()) == {10, 11, 12, 13, 14}
+
+
+def test_population_initialized_in_place_equals_one_vmap():
+  """map_in_place (batches written into one buffer, the last batch overlapping) gives
+  exactly vmap's values, for sizes below, at and past a batch boundary."""
+  from fml_jax.algorithms.client_models import map_in_place
+  from fml_jax.optimizers import TrainState, make_optimizer
+  model = build_model("mlp_small", 10, (60,))
+  optimizer = make_optimizer(small_config())
+  init = lambda k: TrainState.from_variables(init_variables(model, k, (60,)), optimizer)
+  for n in (3, 8, 13):
+    keys = jax.random.split(jax.random.PRNGKey(n), n)
+    want = jax.jit(jax.vmap(init))(keys)
+    got = jax.jit(lambda k: map_in_place(init, k, 4))(keys)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_personalized_evaluation_is_the_same_in_small_model_chunks(monkeypatch):
+  """Chunks bounded by model bytes (here a few clients each) score every client as
+  one chunk does."""
+  from fml_jax import evaluation
+  config = small_config(algorithm="local", num_clients=6)
+  data = load_federated_data(config)
+  algorithm = build_algorithm(config, data.num_classes, data.input_shape)
+  _, population = algorithm.init(jax.random.PRNGKey(0), (6,))
+  [models] = algorithm.personalized_models({}, population)
+  whole = evaluation.evaluate_personalized(models, data)
+  per_model = sum(x.nbytes for x in jax.tree.leaves(models.params)) // 6
+  monkeypatch.setattr(evaluation, "MODEL_BYTES_PER_CALL", 2 * per_model)   # 2 per chunk
+  chunked = evaluation.evaluate_personalized(models, data)
+  np.testing.assert_allclose(chunked[0], whole[0], rtol=1e-6)
+  np.testing.assert_allclose(chunked[1], whole[1], rtol=1e-5)
+  assert len(whole[0]) == 6
