@@ -20,11 +20,9 @@ How the client updates execute is the *strategy* (FedJAX's `for_each_client`):
               round state's buffers are donated. The fast path on GPU/TPU.
   chunked     the same jitted round, but `lax.map` over chunks of `chunk_size`
               clients, each chunk vmapped: bounds activation memory for big cohorts.
-  sequential  a Python loop over clients of the jitted single-client update
-              (`one_client_into`: takes client i's slice of the cohort and writes
-              its result into row i of one donated buffer), with jitted
-              begin/finish. The plain reference the vmap path is tested against,
-              and the faster choice on a small CPU for most jobs.
+  sequential  a Python loop over clients of the jitted single-client update,
+              with jitted begin/finish. The plain reference the vmap path is
+              tested against, and the faster choice on a small CPU.
   auto        vmap on GPU/TPU; on CPU, vmap only for rounds of a few local steps
               without convolutions, else sequential (`resolve_strategy`;
               benchmarks/RESULTS.md has the measurements behind this rule).
@@ -32,7 +30,6 @@ How the client updates execute is the *strategy* (FedJAX's `for_each_client`):
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Optional
 
 import jax
@@ -215,14 +212,12 @@ class Engine:
     self._begin = jax.jit(self.begin_round)
     self._prepare = jax.jit(algorithm.prepare_round)
     self._exchange = jax.jit(algorithm.exchange)
+    self._client_message = jax.jit(algorithm.client_message, static_argnums=4)
+    self._client_update = jax.jit(algorithm.client_update, static_argnums=4)
     self.chunk_size = 0   # (tracing for `auto` maps plainly)
     self.strategy = resolve_strategy(strategy, self._cpu_prefers_vmap)
     self.chunk_size = chunk_size if self.strategy == "chunked" else 0
-    # sequential: (kind, group) -> the compiled per-client call, and its output shapes.
-    self._compiled_into: dict = {}
-    self._result_shapes: dict = {}
-    self._one_into = jax.jit(self.one_client_into, static_argnames=("kind", "group"),
-                             donate_argnames=("out",))
+    self._compiled_updates: dict = {}
     self._finish = jax.jit(self.finish_round, donate_argnums=0)
     self._vmap_round = jax.jit(self.vmap_round, donate_argnums=0)
 
@@ -237,8 +232,8 @@ class Engine:
     Later rounds run the compiled executable, so nothing is compiled twice.
 
     For `sequential` the compiled programs are one client's update per group, so the
-    memory the loop holds across clients is added to "temp": the gathered cohort
-    (nothing when the whole group takes part) and the buffer of its results."""
+    memory the loop holds across clients is added to "temp": the gathered cohort,
+    the per-client outputs and their stacked copy."""
     held_by_loop = 0
     if self.strategy != "sequential":
       compiled = [self._vmap_round.lower(state_like, self.data).compile()]
@@ -247,12 +242,14 @@ class Engine:
       cohorts, _, server, _ = self.round_shapes(state_like)
       compiled = []
       for g, cohort in enumerate(cohorts):
-        out = self.result_shapes("update", server, cohort, g)
-        self._compiled_into["update", g] = self._one_into.lower(
-            server, cohort, self.data, out, jnp.int32(0), kind="update", group=g).compile()
-        compiled.append(self._compiled_into["update", g])
-        gathered = 0 if self.cohort_sizes[g] == self.group_sizes[g] else tree_bytes(cohort)
-        held_by_loop += gathered + tree_bytes(out)
+        one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), cohort)
+        self._compiled_updates[g] = self._client_update.lower(
+            server, one.client_state, one.clients, self.data, g).compile()
+        compiled.append(self._compiled_updates[g])
+        results = jax.eval_shape(
+            jax.vmap(lambda s, c, i: self.algorithm.client_update(s, c, i, self.data, g),
+                     in_axes=(None, 0, 0)), server, cohort.client_state, cohort.clients)
+        held_by_loop += tree_bytes(cohort) + 2 * tree_bytes(results)
     flops, temp, output, alias, reported = 0.0, 0, 0, 0, False
     for c in compiled:
       cost = c.cost_analysis()
@@ -397,43 +394,23 @@ class Engine:
     cohorts, context = self._begin(state, self.data)
     server = self._prepare(state.server, context, self.data)
 
-    def each_client(kind):
+    def each_client(fn):
       per_group = []
       for g, cohort in enumerate(cohorts):
-        out = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                           self.result_shapes(kind, server, cohort, g))
-        one = self._compiled_into.get((kind, g)) or functools.partial(
-            self._one_into, kind=kind, group=g)
+        outputs = []
         for i in range(self.cohort_sizes[g]):
-          out = one(server, cohort, self.data, out, jnp.int32(i))
-        per_group.append(out)
+          client = jax.tree.map(lambda a: a[i], cohort)
+          outputs.append(fn(g)(server, client.client_state, client.clients, self.data))
+        per_group.append(jax.tree.map(lambda *xs: jnp.stack(xs), *outputs))
       return per_group
 
     if self.algorithm.exchanges_messages:
-      messages = concat_clients(each_client("message"))
+      messages = concat_clients(each_client(
+          lambda g: lambda *args: self._client_message(*args, g)))
       server = self._exchange(server, messages, context)
-    results = each_client("update")
+    results = each_client(lambda g: self._compiled_updates.get(g) or (
+        lambda *args: self._client_update(*args, g)))
     return self._finish(state, server, cohorts, context, tuple(results))
-
-  def one_client_into(self, server, cohort: Cohort, data, out, i, *, kind: str, group: int):
-    """Inside jit: cohort member i's `client_update` (kind "update") or `client_message`
-    ("message"), written into row i of `out`. The sequential strategy calls it once per
-    client with `out` donated, so the results fill one buffer in place and the client's
-    slice of the cohort is taken inside the compiled program (eager slicing and a
-    final stack were a quarter of a CNN round on CPU)."""
-    fn = self.algorithm.client_update if kind == "update" else self.algorithm.client_message
-    client = jax.tree.map(lambda a: a[i], cohort)
-    result = fn(server, client.client_state, client.clients, data, group)
-    return jax.tree.map(lambda o, r: o.at[i].set(r), out, result)
-
-  def result_shapes(self, kind: str, server, cohort: Cohort, group: int):
-    """Shapes of a group's stacked client results (cached: the same every round)."""
-    if (kind, group) not in self._result_shapes:
-      fn = self.algorithm.client_update if kind == "update" else self.algorithm.client_message
-      self._result_shapes[kind, group] = jax.eval_shape(
-          jax.vmap(lambda s, c, i: fn(s, c, i, self.data, group), in_axes=(None, 0, 0)),
-          server, cohort.client_state, cohort.clients)
-    return self._result_shapes[kind, group]
 
   def warm_start(self, state: RoundState, rows=None) -> RoundState:
     """Runs the algorithm's warm start (FedMD's transfer learning) on every client, before
