@@ -325,7 +325,7 @@ class Engine:
       # A client's key depends on its id, not its position in the cohort.
       keys = jax.vmap(jax.random.fold_in, (None, 0))(client_key, ids)
       clients = ClientInfo(id=ids, position=offset + jnp.arange(k, dtype=jnp.int32),
-                           train_idx=data.train_idx[ids], train_n=data.train_n[ids], key=keys,
+                           train_idx=data.train_rows(ids), train_n=data.train_n[ids], key=keys,
                            round=jnp.full((k,), state.round, jnp.int32))
       client_state = (state.population[g] if everyone_in_group else
                       jax.tree.map(lambda p: p[slots], state.population[g]))
@@ -423,7 +423,7 @@ class Engine:
     population = []
     for g, members in enumerate(self.members):
       ids = jnp.asarray(members, jnp.int32)
-      idx, n = (self.data.train_idx[ids], self.data.train_n[ids]) if rows is None else (
+      idx, n = (self.data.train_rows(ids), self.data.train_n[ids]) if rows is None else (
           jnp.broadcast_to(rows[0], (len(members), rows[0].shape[0])),
           jnp.broadcast_to(rows[1], (len(members),)))
       clients = ClientInfo(id=ids, position=jnp.arange(len(members), dtype=jnp.int32),
@@ -454,7 +454,7 @@ class Engine:
     """Local steps every client scans in a round (local_epochs x batches of the longest
     row of the index table)."""
     config = self.algorithm.config
-    return config.local_epochs * -(-self.data.train_idx.shape[1] // config.batch_size)
+    return config.local_epochs * -(-self.data.max_train // config.batch_size)
 
   def _cpu_prefers_vmap(self) -> bool:
     return (self.local_steps_per_round() <= CPU_VMAP_MAX_STEPS

@@ -88,11 +88,12 @@ def evaluate_personalized(models: PersonalizedModels, data: FederatedData,
   num = len(client_ids)
   if on_global_test:
     n_test = data.x_test.shape[0]
-    test_idx, test_n = jnp.arange(n_test)[None, :], jnp.asarray([n_test])
+    test_rows = lambda rows: jnp.broadcast_to(jnp.arange(n_test), (len(rows), n_test))
+    test_n = jnp.asarray([n_test])
     batch_size = min(n_test, 1000)
   else:
-    test_idx, test_n = data.test_idx, data.test_n
-    batch_size = min(test_idx.shape[1], 256)
+    test_rows, test_n = data.test_rows, data.test_n
+    batch_size = min(data.max_test, 256)
   variables = (models.params, models.model_state)
   chunk = max(1, min(num, EXAMPLES_PER_CALL // batch_size))
   if models.per_client:
@@ -106,7 +107,7 @@ def evaluate_personalized(models: PersonalizedModels, data: FederatedData,
     chunk_vars = (jax.tree.map(lambda p: p[pos], variables) if models.per_client
                   else variables)
     acc, loss = _evaluate_client_chunk(models.model, chunk_vars, data, models.per_client,
-                                       batch_size, test_idx[rows], test_n[rows],
+                                       batch_size, test_rows(rows), test_n[rows],
                                        models.label_map)
     keep = min(chunk, num - start)
     accs.append(np.asarray(acc)[:keep])

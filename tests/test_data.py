@@ -1,5 +1,6 @@
 """Tests of the data pipeline: synthetic generation, the federated tables, tfds loading."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -101,8 +102,8 @@ def test_synthetic_federated_tables_consistent(synthetic_data):
   assert d.x_train.dtype == np.float32 and d.x_test.dtype == np.float32
   assert d.y_train.dtype == np.int32 and d.y_test.dtype == np.int32
   assert d.input_mean == () and d.input_std == ()
-  train_idx, train_n = np_(d.train_idx), np_(d.train_n)
-  test_idx, test_n = np_(d.test_idx), np_(d.test_n)
+  train_idx, train_n = np_(d.train_rows()), np_(d.train_n)
+  test_idx, test_n = np_(d.test_rows()), np_(d.test_n)
   assert train_idx.dtype == np.int32 and train_n.dtype == np.int32
   assert train_idx.shape == (6, train_n.max()) and test_idx.shape == (6, test_n.max())
   n_train, n_test = d.x_train.shape[0], d.x_test.shape[0]
@@ -129,8 +130,8 @@ def test_synthetic_federated_matches_generator(synthetic_data):
     n_tr, n_te = int(d.train_n[k]), int(d.test_n[k])
     assert n_tr + n_te == len(y)
     assert n_te == max(1, round(config.synthetic_test_fraction * len(y)))
-    rows_tr = np_(d.train_idx[k, :n_tr])
-    rows_te = np_(d.test_idx[k, :n_te])
+    rows_tr = np_(d.train_rows()[k, :n_tr])
+    rows_te = np_(d.test_rows()[k, :n_te])
     # The client's train and test examples together are exactly what it generated.
     got_x = np.concatenate([x_train[rows_tr], x_test[rows_te]])
     got_y = np.concatenate([y_train[rows_tr], y_test[rows_te]])
@@ -144,7 +145,7 @@ def test_synthetic_federated_deterministic():
   b = federated.load_federated_data(small_config(num_clients=3, clients_per_round=2))
   c = federated.load_federated_data(small_config(num_clients=3, clients_per_round=2, seed=1))
   np.testing.assert_array_equal(np_(a.x_train), np_(b.x_train))
-  np.testing.assert_array_equal(np_(a.train_idx), np_(b.train_idx))
+  np.testing.assert_array_equal(np_(a.train_rows()), np_(b.train_rows()))
   np.testing.assert_array_equal(np_(a.y_test), np_(b.y_test))
   assert a.x_train.shape != c.x_train.shape or not np.array_equal(np_(a.x_train), np_(c.x_train))
 
@@ -167,19 +168,47 @@ def test_normalize_uint8_uses_channel_stats():
   np.testing.assert_allclose(out, [[[[-1, 1]], [[1, -1]]]], atol=1e-6)
 
 
-def test_index_table_padding():
-  table, counts = federated.index_table(
-      [np.array([3, 1, 4]), np.array([7]), np.array([], np.int64), np.array([9, 2])])
-  assert table.dtype == np.int32 and counts.dtype == np.int32
+def test_flat_index_rows_are_the_padded_table():
+  parts = [np.array([3, 1, 4]), np.array([7]), np.array([], np.int64), np.array([9, 2])]
+  flat, starts, counts = federated.flat_index(parts)
+  assert flat.dtype == np.int32 and starts.dtype == np.int32 and counts.dtype == np.int32
+  np.testing.assert_array_equal(flat, [3, 1, 4, 7, 9, 2])
+  np.testing.assert_array_equal(starts, [0, 3, 4, 4])
   np.testing.assert_array_equal(counts, [3, 1, 0, 2])
-  np.testing.assert_array_equal(table, [[3, 1, 4], [7, 0, 0], [0, 0, 0], [9, 2, 0]])
+  rows = federated.client_rows(jnp.asarray(flat), jnp.asarray(starts), jnp.asarray(counts),
+                               None, 3)
+  np.testing.assert_array_equal(rows, [[3, 1, 4], [7, 0, 0], [0, 0, 0], [9, 2, 0]])
+  some = federated.client_rows(jnp.asarray(flat), jnp.asarray(starts), jnp.asarray(counts),
+                               jnp.asarray([3, 0]), 3)
+  np.testing.assert_array_equal(some, [[9, 2, 0], [3, 1, 4]])
 
 
-def test_index_table_all_empty_has_one_column():
-  table, counts = federated.index_table([np.zeros(0, np.int64)] * 3)
-  assert table.shape == (3, 1)
-  np.testing.assert_array_equal(counts, [0, 0, 0])
-  np.testing.assert_array_equal(table, 0)
+def test_flat_index_all_empty_cuts_one_zero_column():
+  flat, starts, counts = federated.flat_index([np.zeros(0, np.int64)] * 3)
+  features = np.zeros((2, 4), np.float32)
+  d = federated.from_client_lists(features, np.zeros(2), features, np.zeros(2),
+                                  [np.zeros(0, np.int64)] * 3, [np.array([0, 1])] * 3, 2)
+  assert flat.shape == (0,) and d.max_train == 1
+  np.testing.assert_array_equal(d.train_rows(), np.zeros((3, 1)))
+  np.testing.assert_array_equal(d.test_rows(jnp.asarray([1])), [[0, 1]])
+
+
+def test_index_tables_cost_one_entry_per_example_when_sizes_are_skewed():
+  """One client with 5,000 examples among 2,000 with 3: the tables hold the 11,000
+  indices, not 2,001 rows padded to 5,000 (10 million entries)."""
+  parts = [np.arange(5000)] + [np.arange(5000 + 3 * i, 5003 + 3 * i) for i in range(2000)]
+  n = 5000 + 3 * 2000
+  d = federated.from_client_lists(np.zeros((n, 2), np.float32), np.zeros(n),
+                                  np.zeros((1, 2), np.float32), np.zeros(1), parts,
+                                  [np.array([0])] * len(parts), 2)
+  index_bytes = sum(x.nbytes for x in (d.train_flat, d.train_start, d.train_n))
+  assert index_bytes == 4 * (n + 2 * len(parts))
+  assert d.max_train == 5000 and d.min_train == 3
+  rows = np.asarray(d.train_rows(jnp.asarray([0, 7])))
+  assert rows.shape == (2, 5000)
+  np.testing.assert_array_equal(rows[0], np.arange(5000))
+  np.testing.assert_array_equal(rows[1, :3], [5018, 5019, 5020])
+  assert not rows[1, 3:].any()
 
 
 def test_partition_train_set_rejects_natural_for_images():
@@ -225,9 +254,9 @@ def test_mnist_iid_tables(mnist_iid):
   train_n, test_n = np_(d.train_n), np_(d.test_n)
   np.testing.assert_array_equal(train_n, np.full(10, 6000))
   np.testing.assert_array_equal(test_n, np.full(10, 1000))
-  train_idx = np_(d.train_idx)
+  train_idx = np_(d.train_rows())
   np.testing.assert_array_equal(np.sort(train_idx.ravel()), np.arange(60000))
-  test_idx = np_(d.test_idx)
+  test_idx = np_(d.test_rows())
   for row in test_idx:
     assert len(np.unique(row)) == len(row)
     assert row.min() >= 0 and row.max() < 10000
@@ -252,15 +281,15 @@ def test_mnist_dirichlet_test_splits_match_train_labels():
   assert abs(test_n.sum() - 10000) <= 10
   pools = np.bincount(y_test, minlength=10)
   for k in range(10):
-    y = y_train[np_(d.train_idx[k, :train_n[k]])]
-    t = y_test[np_(d.test_idx[k, :test_n[k]])]
+    y = y_train[np_(d.train_rows()[k, :train_n[k]])]
+    t = y_test[np_(d.test_rows()[k, :test_n[k]])]
     assert abs(test_n[k] - 10000 * train_n[k] / 60000) <= 1
     exact = test_n[k] * np.bincount(y, minlength=10) / len(y)
     counts = np.bincount(t, minlength=10)
     # Within 1 of the exact proportion unless a class's test pool runs out.
     assert np.all((np.abs(counts - exact) < 1) | (counts == pools))
   # The partition is genuinely skewed: some client's majority class is > 30%.
-  shares = [np.bincount(y_train[np_(d.train_idx[k, :train_n[k]])], minlength=10).max() /
+  shares = [np.bincount(y_train[np_(d.train_rows()[k, :train_n[k]])], minlength=10).max() /
             train_n[k] for k in range(10)]
   assert max(shares) > 0.3
 

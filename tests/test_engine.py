@@ -239,10 +239,10 @@ def test_masked_scan_matches_plain_loop(n, batch_size):
                                         jnp.float32), optimizer)
   key = jax.random.PRNGKey(3)
   got, metrics = jax.jit(lambda s: local_training.run_local_steps(
-      step, s, data, data.train_idx[0], data.train_n[0], key, 2, batch_size))(state)
+      step, s, data, data.train_rows()[0], data.train_n[0], key, 2, batch_size))(state)
   want, want_loss = reference_local_training(step, state, np.asarray(data.x_train),
                                              np.asarray(data.y_train),
-                                             np.asarray(data.train_idx[0]), n, key, 2,
+                                             np.asarray(data.train_rows()[0]), n, key, 2,
                                              batch_size)
   assert_trees_close(got, want, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(metrics["train_loss"], want_loss, rtol=1e-5)
@@ -257,7 +257,7 @@ def test_padding_does_not_change_a_clients_result():
   results = []
   for other in (5, 40):
     data = tiny_data([12, other])
-    out, _ = local_training.run_local_steps(step, state, data, data.train_idx[0],
+    out, _ = local_training.run_local_steps(step, state, data, data.train_rows()[0],
                                             data.train_n[0], key, 3, 5)
     results.append(out)
   assert_trees_close(results[0], results[1], rtol=1e-6, atol=1e-7)
@@ -281,7 +281,7 @@ def test_unmasked_steps_when_every_client_fills_every_batch(sizes, batch_size):
   def train(min_examples):
     return jax.jit(jax.vmap(lambda idx, n, k: local_training.run_local_steps(
         step, state, data, idx, n, k, 2, batch_size, min_examples=min_examples)))(
-            data.train_idx, data.train_n, keys)
+            data.train_rows(), data.train_n, keys)
   masked, masked_metrics = train(0)
   unmasked, unmasked_metrics = train(data.min_train)
   assert_trees_close(unmasked, masked, rtol=1e-6, atol=1e-7)
@@ -290,7 +290,7 @@ def test_unmasked_steps_when_every_client_fills_every_batch(sizes, batch_size):
   # The unmasked program has no conditional step at all (the point of it).
   def jaxpr(min_examples):
     return str(jax.make_jaxpr(lambda s: local_training.run_local_steps(
-        step, s, data, data.train_idx[0], data.train_n[0], keys[0], 2, batch_size,
+        step, s, data, data.train_rows()[0], data.train_n[0], keys[0], 2, batch_size,
         min_examples=min_examples))(state))
   assert "cond[" in jaxpr(0) and "cond[" not in jaxpr(data.min_train)
 

@@ -240,7 +240,7 @@ def test_pooled_rows_hold_every_clients_data():
   rows, n = fedmd.pooled_rows(data)
   assert int(n) == int(data.train_n.sum())
   assert sorted(np.asarray(rows).tolist()) == sorted(
-      sum((np.asarray(r[:k]).tolist() for r, k in zip(data.train_idx, data.train_n)), []))
+      sum((np.asarray(r[:k]).tolist() for r, k in zip(data.train_rows(), data.train_n)), []))
 
 
 # --- FedH2L --------------------------------------------------------------------------------
@@ -309,9 +309,9 @@ def test_subset_task_clients_hold_only_their_classes():
   config = small_config(algorithm="local", client_tasks="subset_0-4,full")
   data = load_federated_data(config)
   for c in range(0, config.num_clients, 2):
-    rows = np.asarray(data.train_idx[c, :int(data.train_n[c])])
+    rows = np.asarray(data.train_rows()[c, :int(data.train_n[c])])
     assert np.asarray(data.y_train)[rows].max() <= 4
-    test_rows = np.asarray(data.test_idx[c, :int(data.test_n[c])])
+    test_rows = np.asarray(data.test_rows()[c, :int(data.test_n[c])])
     assert np.asarray(data.y_test)[test_rows].max() <= 4
 
 

@@ -175,8 +175,7 @@ class FedMD(ClientModelsAlgorithm):
 
 
 def pooled_rows(data) -> tuple[jax.Array, jax.Array]:
-  """Every client's private training rows pooled into one (train_idx, train_n) row."""
-  mask = jnp.arange(data.train_idx.shape[1])[None, :] < data.train_n[:, None]
-  rows = data.train_idx[mask]
-  return rows, jnp.asarray(rows.shape[0], jnp.int32)
+  """Every client's private training rows pooled into one (train_idx, train_n) row:
+  the flat index array is exactly that, client after client."""
+  return data.train_flat, jnp.asarray(data.train_flat.shape[0], jnp.int32)
 
