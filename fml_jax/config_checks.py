@@ -13,7 +13,7 @@ from fml_jax import schedules
 from fml_jax.algorithms import ALGORITHMS, fedh2l, fedmd, fedmr
 from fml_jax.algorithms.base import split_list
 from fml_jax.data.partition import PARTITIONS, check_partition_fits_dataset
-from fml_jax.engine import AGGREGATIONS, STRATEGIES
+from fml_jax.engine import AGGREGATIONS, PLACEMENTS, STRATEGIES
 from fml_jax.errors import ConfigError
 from fml_jax.models import MODELS, STATEFUL_MODELS
 from fml_jax.optimizers import OPTIMIZERS
@@ -27,7 +27,7 @@ REQUIRED_FIELDS = (
     "synthetic_beta", "synthetic_test_fraction", "synthetic_max_client_examples",
     "fedmr_first_stage_rounds", "fedmr_granularity", "fedmr_block_fraction",
     "fedmr_optimizer_state", "checkpoint_every", "checkpoints_to_keep", "chunk_size",
-    "mesh_shape", "catfish_clients", "catfish_model", "client_tasks", "alpha_schedule",
+    "mesh_shape", "placement", "catfish_clients", "catfish_model", "client_tasks", "alpha_schedule",
     "beta_schedule", "lr_schedule", "schedule_step_rounds", "schedule_stop_round",
     "public_dataset", "public_size", "public_balanced", "public_classes", "private_classes",
     "client_max_examples", "eval_clients_on_global_test",
@@ -118,6 +118,7 @@ def validate(config) -> None:
   _choice(config, "optimizer", OPTIMIZERS)
   _choice(config, "aggregation", AGGREGATIONS)
   _choice(config, "strategy", STRATEGIES)
+  _choice(config, "placement", PLACEMENTS)
   _choice(config, "fedmr_granularity", fedmr.GRANULARITIES)
   _choice(config, "fedmr_optimizer_state", fedmr.OPTIMIZER_STATE_MODES)
   _number(config, "fedmr_first_stage_rounds", 0, integer=True)

@@ -26,6 +26,16 @@ How the client updates execute is the *strategy* (FedJAX's `for_each_client`):
   auto        vmap on GPU/TPU; on CPU, vmap only for rounds of a few local steps
               without convolutions, else sequential (`resolve_strategy`;
               benchmarks/RESULTS.md has the measurements behind this rule).
+
+Where the population lives is the *placement*:
+
+  device      on the accelerator (sharded over the mesh, if any); the round gathers
+              and scatters the cohort inside its jitted function.
+  host        in host memory, as arrays on JAX's CPU device: each round the cohort's
+              rows are gathered there, moved to the accelerator, trained, moved back
+              and written in place (`host_round`). The accelerator then holds only the
+              cohort, so the population can outgrow its memory (100,000 FML MLP
+              clients are 148 GiB with momentum). Same results as `device`.
 """
 
 from __future__ import annotations
@@ -36,13 +46,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from fml_jax.algorithms.base import Algorithm, ClientInfo, RoundContext, tree_bytes
 from fml_jax.data import FederatedData
 from fml_jax.errors import ConfigError
 
 STRATEGIES = ("auto", "vmap", "chunked", "sequential")
+PLACEMENTS = ("device", "host")
 AGGREGATIONS = ("auto", "uniform", "weighted")
 
 
@@ -170,10 +181,13 @@ class Engine:
 
   def __init__(self, algorithm: Algorithm, data: FederatedData, clients_per_round: int,
                aggregation: str = "auto", strategy: str = "auto", chunk_size: int = 0,
-               mesh: Optional[Mesh] = None):
+               mesh: Optional[Mesh] = None, placement: str = "device"):
     if aggregation not in AGGREGATIONS:
       raise ConfigError("aggregation", f"unknown aggregation '{aggregation}'; choose one of "
                         f"{', '.join(AGGREGATIONS)}")
+    if placement not in PLACEMENTS:
+      raise ConfigError("placement", f"unknown placement '{placement}'; choose one of "
+                        f"{', '.join(PLACEMENTS)}")
     if not 1 <= clients_per_round <= data.num_clients:
       raise ConfigError("clients_per_round", f"{clients_per_round} is not between 1 and "
                         f"num_clients={data.num_clients}")
@@ -181,8 +195,10 @@ class Engine:
     self.data = data
     self.clients_per_round = clients_per_round
     self.aggregation = algorithm.default_aggregation if aggregation == "auto" else aggregation
-    if strategy not in STRATEGIES:
-      resolve_strategy(strategy)   # raises the error naming the setting
+    self.placement = placement
+    # The host store: arrays committed to JAX's CPU device (the accelerator itself on a
+    # CPU-only machine, where `host` runs the same code path over the same memory).
+    self.host_device = jax.devices("cpu")[0] if placement == "host" else None
     if strategy == "chunked" and chunk_size < 1:
       raise ConfigError("chunk_size", f"strategy 'chunked' needs chunk_size >= 1, got {chunk_size}")
     groups = np.asarray(algorithm.client_groups(data.num_clients))
@@ -199,8 +215,9 @@ class Engine:
     self.compiled_flops = 0.0   # set by compile()
     if mesh is not None:
       n = mesh.size
-      for field, values in (("num_clients", self.group_sizes),
-                            ("clients_per_round", self.cohort_sizes)):
+      # The host store is not sharded, so only the cohort needs to divide evenly.
+      for field, values in ((("num_clients", self.group_sizes),) * (placement == "device")
+                            + (("clients_per_round", self.cohort_sizes),)):
         if any(v % n for v in values):
           what = "" if len(values) == 1 else " (per architecture group)"
           raise ConfigError("mesh_shape", f"the client axis is sharded over {n} devices, so "
@@ -210,6 +227,7 @@ class Engine:
     # Jitted: initializing thousands of stacked client models eagerly is slow.
     self._init = jax.jit(algorithm.init, static_argnums=1)
     self._begin = jax.jit(self.begin_round)
+    self._sample = jax.jit(self.sample_slots)
     self._prepare = jax.jit(algorithm.prepare_round)
     self._exchange = jax.jit(algorithm.exchange)
     self._client_message = jax.jit(algorithm.client_message, static_argnums=4)
@@ -220,6 +238,12 @@ class Engine:
     self._compiled_updates: dict = {}
     self._finish = jax.jit(self.finish_round, donate_argnums=0)
     self._vmap_round = jax.jit(self.vmap_round, donate_argnums=0)
+    # The host store's gather and in-place scatter; they run where the population is.
+    self._gather = jax.jit(lambda population, slots: tuple(
+        jax.tree.map(lambda p, s=s: p[s], group) for group, s in zip(population, slots)))
+    self._scatter = jax.jit(lambda population, slots, new: tuple(
+        jax.tree.map(lambda p, n, s=s: p.at[s].set(n), group, new_group)
+        for group, s, new_group in zip(population, slots, new)), donate_argnums=0)
 
   @property
   def num_groups(self) -> int:
@@ -232,11 +256,13 @@ class Engine:
     Later rounds run the compiled executable, so nothing is compiled twice.
 
     For `sequential` the compiled programs are one client's update per group, so the
-    memory the loop holds across clients is added to "temp": the gathered cohort,
-    the per-client outputs and their stacked copy."""
+    memory the loop holds across clients is added to "temp": the gathered cohort (none
+    when the whole group takes part, or with the host store, whose cohort is the
+    round's input), the per-client outputs and their stacked copy."""
     held_by_loop = 0
     if self.strategy != "sequential":
-      compiled = [self._vmap_round.lower(state_like, self.data).compile()]
+      compiled = [self._vmap_round.lower(self.round_input(state_like), self.data,
+                                         self.slots_like()).compile()]
       self._vmap_round = compiled[0]
     else:
       cohorts, _, server, _ = self.round_shapes(state_like)
@@ -249,7 +275,9 @@ class Engine:
         results = jax.eval_shape(
             jax.vmap(lambda s, c, i: self.algorithm.client_update(s, c, i, self.data, g),
                      in_axes=(None, 0, 0)), server, cohort.client_state, cohort.clients)
-        held_by_loop += tree_bytes(cohort) + 2 * tree_bytes(results)
+        gathered = (self.placement == "device"
+                    and self.cohort_sizes[g] < self.group_sizes[g])
+        held_by_loop += tree_bytes(cohort.client_state) * gathered + 2 * tree_bytes(results)
     flops, temp, output, alias, reported = 0.0, 0, 0, 0, False
     for c in compiled:
       cost = c.cost_analysis()
@@ -278,19 +306,47 @@ class Engine:
 
   def state_shardings(self, state):
     """Where each leaf of a round state lives: the population split along its client
-    axis over the mesh, everything else replicated; None without a mesh."""
-    if self.mesh is None:
+    axis over the mesh (or on the host, with the host store), everything else
+    replicated; None for a device store without a mesh (JAX's default placement)."""
+    if self.mesh is None and self.placement == "device":
       return None
-    clients, replicated = NamedSharding(self.mesh, P("clients")), NamedSharding(self.mesh, P())
+    replicated = (NamedSharding(self.mesh, P()) if self.mesh is not None
+                  else SingleDeviceSharding(jax.devices()[0]))
+    clients = (SingleDeviceSharding(self.host_device) if self.placement == "host"
+               else NamedSharding(self.mesh, P("clients")))
     return state.replace(round=replicated, key=replicated,
                          server=jax.tree.map(lambda _: replicated, state.server),
                          population=jax.tree.map(lambda _: clients, state.population))
 
   def place(self, state: RoundState) -> RoundState:
     """Puts a state (fresh, or restored from a checkpoint) where the engine expects it."""
-    if self.mesh is None:
-      return state
-    return jax.device_put(state, self.state_shardings(state))
+    shardings = self.state_shardings(state)
+    return state if shardings is None else jax.device_put(state, shardings)
+
+  def cohort_sharding(self):
+    """Where a cohort trains: split over the mesh, or on the (first) accelerator."""
+    if self.mesh is not None:
+      return NamedSharding(self.mesh, P("clients"))
+    return SingleDeviceSharding(jax.devices()[0])
+
+  def round_input(self, state_like: RoundState) -> RoundState:
+    """The state the jitted round takes: the state itself for a device store; with
+    the host store, its population replaced by the cohort's rows (shapes only)."""
+    if self.placement == "device":
+      return state_like
+    sharding = self.cohort_sharding()
+    cohort = tuple(jax.tree.map(
+        lambda x, k=k: jax.ShapeDtypeStruct((k, *x.shape[1:]), x.dtype, sharding=sharding),
+        group) for group, k in zip(state_like.population, self.cohort_sizes))
+    return state_like.replace(population=cohort)
+
+  def slots_like(self):
+    """The shapes of `sample_slots`'s output with the host store (None otherwise)."""
+    if self.placement == "device":
+      return None
+    replicated = NamedSharding(self.mesh, P()) if self.mesh is not None else None
+    return tuple(jax.ShapeDtypeStruct((k,), jnp.int32, sharding=replicated)
+                 for k in self.cohort_sizes)
 
   def init(self, seed: int) -> RoundState:
     return self.place(self._unplaced_init(seed))
@@ -298,37 +354,54 @@ class Engine:
   def _unplaced_init(self, seed: int) -> RoundState:
     # Raw uint32 keys (not typed keys) so the state stays plain arrays for checkpoints.
     init_key, rounds_key = jax.random.split(jax.random.PRNGKey(seed))
+    if self.placement == "host":   # initialize where the population will live
+      init_key = jax.device_put(init_key, self.host_device)
     server, population = self._init(init_key, tuple(self.group_sizes))
     return RoundState(round=jnp.zeros((), jnp.int32), key=rounds_key, server=server,
                       population=tuple(population))
 
   # --- the pieces of a round -------------------------------------------------------------
 
-  def begin_round(self, state: RoundState, data: FederatedData) -> tuple[tuple, RoundContext]:
+  def sample_slots(self, key: jax.Array, round_number: jax.Array) -> tuple:
+    """Each group's cohort: (k_g,) int32 rows of its population, drawn without
+    replacement from (key, round) alone; the whole group in member order when it all
+    takes part."""
+    sample_key = jax.random.fold_in(jax.random.fold_in(key, round_number), 0)
+    slots = []
+    for g, (members, k) in enumerate(zip(self.members, self.cohort_sizes)):
+      if k == len(members):
+        slots.append(jnp.arange(k, dtype=jnp.int32))
+      else:
+        group_key = sample_key if self.num_groups == 1 else jax.random.fold_in(sample_key, g)
+        slots.append(jax.random.choice(group_key, len(members), (k,),
+                                       replace=False).astype(jnp.int32))
+    return tuple(slots)
+
+  def begin_round(self, state: RoundState, data: FederatedData,
+                  slots: Optional[tuple] = None) -> tuple[tuple, RoundContext]:
     """Samples each group's share of the cohort (without replacement, within the group),
-    gathers its state and data rows; returns the per-group cohorts and the round's context."""
+    gathers its state and data rows; returns the per-group cohorts and the round's context.
+    With the host store, `slots` is the sample already drawn and `state.population`
+    already holds just the cohort's rows."""
     round_key = jax.random.fold_in(state.key, state.round)
-    sample_key = jax.random.fold_in(round_key, 0)
     client_key = jax.random.fold_in(round_key, 1)
+    gathered = slots is not None
+    if slots is None:
+      slots = self.sample_slots(state.key, state.round)
     cohorts, offset = [], 0
     for g, (members, k) in enumerate(zip(self.members, self.cohort_sizes)):
+      # Full participation: the whole group in member order, so the population is used
+      # as it is, with no gather now and no scatter at the end (on XLA:CPU they were a
+      # fifth of an MLP round, and they held two extra copies of it).
       everyone_in_group = k == len(members)
-      if everyone_in_group:
-        # Full participation: the whole group in member order, so the population is
-        # used as it is, with no gather now and no scatter at the end (on XLA:CPU they
-        # were a fifth of an MLP round, and they held two extra copies of it).
-        slots = jnp.arange(k, dtype=jnp.int32)
-      else:
-        key = sample_key if self.num_groups == 1 else jax.random.fold_in(sample_key, g)
-        slots = jax.random.choice(key, len(members), (k,), replace=False)
-      ids = jnp.asarray(members, jnp.int32)[slots]
+      ids = jnp.asarray(members, jnp.int32)[slots[g]]
       # A client's key depends on its id, not its position in the cohort.
       keys = jax.vmap(jax.random.fold_in, (None, 0))(client_key, ids)
       clients = ClientInfo(id=ids, position=offset + jnp.arange(k, dtype=jnp.int32),
                            train_idx=data.train_rows(ids), train_n=data.train_n[ids], key=keys,
                            round=jnp.full((k,), state.round, jnp.int32))
-      client_state = (state.population[g] if everyone_in_group else
-                      jax.tree.map(lambda p: p[slots], state.population[g]))
+      client_state = (state.population[g] if everyone_in_group or gathered else
+                      jax.tree.map(lambda p, s=slots[g]: p[s], state.population[g]))
       cohorts.append(Cohort(clients=clients, client_state=client_state))
       offset += k
     everyone = concat_clients([c.clients for c in cohorts])
@@ -346,7 +419,8 @@ class Engine:
     uploads of the whole cohort (concatenated across groups, in cohort order)."""
     population = []
     for g, (cohort, result) in enumerate(zip(cohorts, results)):
-      if self.cohort_sizes[g] == self.group_sizes[g]:   # the whole group, in member order
+      # The whole group in member order, or the host store's cohort (scattered on the host).
+      if self.cohort_sizes[g] == self.group_sizes[g] or self.placement == "host":
         population.append(result.client_state)
         continue
       slots = jnp.asarray(self.slot_of_client)[cohort.clients.id]
@@ -369,8 +443,9 @@ class Engine:
         lambda s, client_state, client: fn(s, client_state, client, data, group),
         (server,), (cohort.client_state, cohort.clients), self.chunk_size)
 
-  def vmap_round(self, state: RoundState, data: FederatedData) -> tuple[RoundState, RoundReport]:
-    cohorts, context = self.begin_round(state, data)
+  def vmap_round(self, state: RoundState, data: FederatedData,
+                 slots: Optional[tuple] = None) -> tuple[RoundState, RoundReport]:
+    cohorts, context = self.begin_round(state, data, slots)
     cohorts = tuple(self.shard_clients(c) for c in cohorts)
     server = self.algorithm.prepare_round(state.server, context, data)
     if self.algorithm.exchanges_messages:
@@ -390,8 +465,9 @@ class Engine:
 
   # --- strategies ----------------------------------------------------------------------
 
-  def sequential_round(self, state: RoundState) -> tuple[RoundState, RoundReport]:
-    cohorts, context = self._begin(state, self.data)
+  def sequential_round(self, state: RoundState,
+                       slots: Optional[tuple] = None) -> tuple[RoundState, RoundReport]:
+    cohorts, context = self._begin(state, self.data, slots)
     server = self._prepare(state.server, context, self.data)
 
     def each_client(fn):
@@ -423,6 +499,9 @@ class Engine:
     population = []
     for g, members in enumerate(self.members):
       ids = jnp.asarray(members, jnp.int32)
+      group_state = state.population[g]
+      if self.placement == "host":   # trains on the accelerator, one group at a time
+        group_state = jax.device_put(group_state, self.cohort_sharding())
       idx, n = (self.data.train_rows(ids), self.data.train_n[ids]) if rows is None else (
           jnp.broadcast_to(rows[0], (len(members), rows[0].shape[0])),
           jnp.broadcast_to(rows[1], (len(members),)))
@@ -434,21 +513,39 @@ class Engine:
           client_state, client, data, g)
       if self.strategy == "sequential":
         one = jax.jit(fn)
-        outputs = [one(jax.tree.map(lambda a: a[i], state.population[g]),
+        outputs = [one(jax.tree.map(lambda a: a[i], group_state),
                        jax.tree.map(lambda a: a[i], clients), self.data)
                    for i in range(len(members))]
         population.append(jax.tree.map(lambda *xs: jnp.stack(xs), *outputs))
       else:
         population.append(jax.jit(lambda p, c, data, fn=fn: map_over_clients(
             lambda cs, ci: fn(cs, ci, data), (), (p, c), self.chunk_size))(
-                state.population[g], clients, self.data))
+                group_state, clients, self.data))
     return self.place(state.replace(population=tuple(population)))
 
   def run_round(self, state: RoundState) -> tuple[RoundState, RoundReport]:
     """One round; the input state's buffers are donated (do not reuse `state`)."""
+    if self.placement == "host":
+      return self.host_round(state)
     if self.strategy == "sequential":
       return self.sequential_round(state)
-    return self._vmap_round(state, self.data)
+    return self._vmap_round(state, self.data, None)
+
+  def host_round(self, state: RoundState) -> tuple[RoundState, RoundReport]:
+    """A round with the host store: draw the cohort, gather its rows on the host, move
+    them to the accelerator, run the round on them (any strategy), move the new rows
+    back and write them into the population in place."""
+    slots = self._sample(state.key, state.round)
+    host_slots = jax.device_put(slots, self.host_device)
+    cohort = jax.device_put(self._gather(state.population, host_slots), self.cohort_sharding())
+    round_state = state.replace(population=cohort)
+    if self.strategy == "sequential":
+      new, report = self.sequential_round(round_state, slots)
+    else:
+      new, report = self._vmap_round(round_state, self.data, slots)
+    population = self._scatter(state.population, host_slots,
+                               jax.device_put(new.population, self.host_device))
+    return new.replace(population=population), report
 
   def local_steps_per_round(self) -> int:
     """Local steps every client scans in a round (local_epochs x batches of the longest
@@ -474,7 +571,8 @@ class Engine:
   def round_shapes(self, state_like: RoundState):
     """Shapes inside a round: (cohorts, context, the server state the client updates
     see, the messages per group), without computing anything."""
-    cohorts, context = jax.eval_shape(self.begin_round, state_like, self.data)
+    cohorts, context = jax.eval_shape(self.begin_round, self.round_input(state_like), self.data,
+                                      self.slots_like())
     server = jax.eval_shape(self.algorithm.prepare_round, state_like.server, context, self.data)
     messages = []
     if self.algorithm.exchanges_messages:

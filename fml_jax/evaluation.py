@@ -106,6 +106,9 @@ def evaluate_personalized(models: PersonalizedModels, data: FederatedData,
     rows = np.zeros_like(pos) if on_global_test else client_ids[pos]
     chunk_vars = (jax.tree.map(lambda p: p[pos], variables) if models.per_client
                   else variables)
+    # Onto the data's devices: with the host store (engine placement "host") the
+    # population lives on JAX's CPU device, the test set on the accelerator.
+    chunk_vars = jax.device_put(chunk_vars, data.x_test.sharding)
     acc, loss = _evaluate_client_chunk(models.model, chunk_vars, data, models.per_client,
                                        batch_size, test_rows(rows), test_n[rows],
                                        models.label_map)

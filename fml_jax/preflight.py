@@ -3,7 +3,9 @@
 Memory: the population store and server state (from `jax.eval_shape`, nothing is
 allocated) plus one round's working memory (XLA's memory analysis of the compiled
 round), against what the device has free: `MemAvailable` on the CPU, the
-allocator's limit minus what is in use on a GPU/TPU. Disk: the checkpoints kept
+allocator's limit minus what is in use on a GPU/TPU. With the host store
+(`placement=host`) the population is checked against the host's free memory and the
+accelerator only needs the cohort's rows, the server state and the round. Disk: the checkpoints kept
 (plus one being written) against the free space of the workdir's filesystem.
 """
 
@@ -41,14 +43,28 @@ class MemoryEstimate:
   per_client_bytes: int
   round_bytes: int          # one round's working memory beyond the state
   num_clients: int
+  on_host: bool = False     # the population lives in host memory (placement=host) ...
+  cohort_bytes: int = 0     # ... and each round moves this much of it to the accelerator
+
+  @property
+  def host_bytes(self) -> int:
+    """What the host store holds in host memory (0 for a device store)."""
+    return self.population_bytes if self.on_host else 0
+
+  @property
+  def device_bytes(self) -> int:
+    """What the accelerator holds during a round."""
+    return self.state_bytes - self.host_bytes + self.cohort_bytes + self.round_bytes
 
   @property
   def total(self) -> int:
-    return self.state_bytes + self.round_bytes
+    return self.device_bytes + self.host_bytes
 
   def describe(self) -> str:
+    where = (f" in host memory, {gib(self.cohort_bytes)} of it moved to the accelerator "
+             "each round" if self.on_host else "")
     return (f"population store {gib(self.population_bytes)} ({self.num_clients} clients x "
-            f"{gib(self.per_client_bytes)}), server state "
+            f"{gib(self.per_client_bytes)}){where}, server state "
             f"{gib(self.state_bytes - self.population_bytes)}, one round's working memory "
             f"{gib(self.round_bytes)}")
 
@@ -58,10 +74,18 @@ def estimate_memory(engine, state_like) -> MemoryEstimate:
   compiled = engine.compile(state_like)
   population = tree_bytes(state_like.population)
   n = engine.data.num_clients
+  on_host = engine.placement == "host"
   return MemoryEstimate(state_bytes=tree_bytes(state_like), population_bytes=population,
                         per_client_bytes=population // max(n, 1),
                         round_bytes=max(compiled["temp"] + compiled["output"] - compiled["alias"], 0),
-                        num_clients=n)
+                        num_clients=n, on_host=on_host,
+                        cohort_bytes=tree_bytes(engine.round_input(state_like).population)
+                        if on_host else 0)
+
+
+def available_host_memory() -> Optional[int]:
+  """Bytes free in host memory (`MemAvailable`), or None where /proc/meminfo is absent."""
+  return available_memory(jax.devices("cpu")[0])
 
 
 def available_memory(device: Optional[jax.Device] = None) -> Optional[int]:
@@ -81,12 +105,28 @@ def available_memory(device: Optional[jax.Device] = None) -> Optional[int]:
   return None
 
 
-def check_memory(estimate: MemoryEstimate, available: Optional[int]) -> None:
-  if available is not None and estimate.total > HEADROOM * available:
+def check_memory(estimate: MemoryEstimate, available: Optional[int],
+                 host_available: Optional[int] = None) -> None:
+  """Refuses a run that would not fit. `available`: free memory of the accelerator;
+  `host_available`: of the host, for the host store (on a CPU backend the two are one
+  memory, so everything is checked against `available`)."""
+  backend = jax.default_backend()
+  one_memory = backend == "cpu"
+  device_need = estimate.total if one_memory else estimate.device_bytes
+  if available is not None and device_need > HEADROOM * available:
+    hint = ("" if one_memory or estimate.on_host else
+            ", or keep the population in host memory with placement=host")
     raise ResourceError(
-        f"not enough memory on {jax.default_backend()}: the run needs about "
-        f"{gib(estimate.total)} ({estimate.describe()}) but {gib(available)} is free; lower "
-        "num_clients, clients_per_round or batch_size, or use a smaller model")
+        f"not enough memory on {backend}: the run needs about {gib(device_need)} "
+        f"({estimate.describe()}) but {gib(available)} is free; lower num_clients, "
+        f"clients_per_round or batch_size, or use a smaller model{hint}")
+  if (not one_memory and estimate.on_host and host_available is not None
+      and estimate.host_bytes > HEADROOM * host_available):
+    raise ResourceError(
+        f"not enough host memory for the population store (placement=host): it needs "
+        f"{gib(estimate.host_bytes)} ({estimate.describe()}) but {gib(host_available)} is "
+        "free; lower num_clients or use a smaller model (optimizer=sgd with momentum=0 "
+        "keeps no optimizer state per client)")
 
 
 def check_disk(workdir: Path, checkpoint_bytes: int, keep: int) -> None:

@@ -97,12 +97,14 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
   data = load_federated_data(config)
   algorithm = build_algorithm(config, data.num_classes, data.input_shape)
   engine = Engine(algorithm, data, config.clients_per_round, config.aggregation, config.strategy,
-                  chunk_size=config.chunk_size, mesh=client_mesh(config.mesh_shape))
+                  chunk_size=config.chunk_size, mesh=client_mesh(config.mesh_shape),
+                  placement=config.placement)
   data = engine.data   # replicated over the mesh, if there is one
   abstract_state = engine.abstract_state(config.seed)
   traffic = engine.communication(abstract_state)   # bytes per round, from shapes
   memory = preflight.estimate_memory(engine, abstract_state)
-  preflight.check_memory(memory, preflight.available_memory())
+  preflight.check_memory(memory, preflight.available_memory(),
+                         preflight.available_host_memory())
   checkpointer = None
   if config.checkpoint_every > 0:
     preflight.check_disk(path, preflight.tree_bytes(abstract_state), config.checkpoints_to_keep)

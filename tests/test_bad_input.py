@@ -49,6 +49,7 @@ BAD_INPUTS = [
                                    "--config.clients_per_round=2"], "config.clients_per_round"),
     ("unknown_optimizer", ["--config.optimizer=rmsprop"], "config.optimizer"),
     ("unknown_strategy", ["--config.strategy=pmap"], "config.strategy"),
+    ("unknown_placement", ["--config.placement=disk"], "config.placement"),
     ("unknown_aggregation", ["--config.aggregation=median"], "config.aggregation"),
     ("unknown_fedmr_granularity", ["--config.fedmr_granularity=row"], "config.fedmr_granularity"),
     ("unknown_field", ["--config.nosuchfield=1"], "nosuchfield"),

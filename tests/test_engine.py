@@ -22,15 +22,15 @@ ALGORITHMS = ["fml", "fedavg", "fedprox", "local", "fedmr"]
 _ENGINES = {}
 
 
-def make_engine(config, strategy):
-  """Engines are cached per (config, strategy): each one compiles its own functions,
-  and compiling dominates these tests' time on a small CPU."""
-  key = (str(config), strategy)
+def make_engine(config, strategy, placement="device"):
+  """Engines are cached per (config, strategy, placement): each one compiles its own
+  functions, and compiling dominates these tests' time on a small CPU."""
+  key = (str(config), strategy, placement)
   if key not in _ENGINES:
     data = load_federated_data(config)
     algorithm = build_algorithm(config, data.num_classes, data.input_shape)
     _ENGINES[key] = Engine(algorithm, data, config.clients_per_round, config.aggregation,
-                           strategy, chunk_size=config.chunk_size)
+                           strategy, chunk_size=config.chunk_size, placement=placement)
   return _ENGINES[key]
 
 
@@ -82,8 +82,8 @@ GROUPED = {
 }
 
 
-def run_grouped_rounds(config, strategy, rounds):
-  engine = make_engine(config, strategy)
+def run_grouped_rounds(config, strategy, rounds, placement="device"):
+  engine = make_engine(config, strategy, placement)
   state = engine.warm_start(engine.init(config.seed))
   history = []
   for _ in range(rounds):
@@ -102,6 +102,50 @@ def test_vmap_equals_sequential_with_architecture_groups(name):
   assert_trees_close(seq_state.server, vmap_state.server)
   assert_trees_close(seq_state.population, vmap_state.population)
   assert_trees_close(seq_metrics, vmap_metrics)
+
+
+# The host store against the device store: partial participation in two groups (FML),
+# a warm start and messages (FedMD), server-side state only (FedMR).
+HOST_CASES = {
+    "fml": dict(algorithm="fml", local_models="mlp,mlp_small", clients_per_round=4),
+    "fedmd": dict(GROUPED["fedmd"], clients_per_round=4),
+    "fedmr": dict(algorithm="fedmr", clients_per_round=3),
+}
+
+
+@pytest.mark.parametrize("name,strategy", [("fml", "vmap"), ("fml", "sequential"),
+                                           ("fml", "chunked"), ("fedmd", "vmap"),
+                                           ("fedmr", "sequential")])
+def test_host_store_equals_device_store(name, strategy):
+  config = small_config(**HOST_CASES[name], chunk_size=3)
+  engine, host_state, host_metrics = run_grouped_rounds(config, strategy, 3, "host")
+  _, device_state, device_metrics = run_grouped_rounds(config, strategy, 3, "device")
+  assert engine.placement == "host" and engine.clients_per_round < engine.data.num_clients
+  assert_trees_close(host_state.server, device_state.server, rtol=1e-6, atol=1e-7)
+  assert_trees_close(host_state.population, device_state.population, rtol=1e-6, atol=1e-7)
+  assert_trees_close(host_metrics, device_metrics, rtol=1e-6, atol=1e-7)
+  # The round's compiled program takes the cohort's rows, not the population.
+  shapes = engine.round_input(engine.abstract_state(0)).population
+  for group, k in zip(shapes, engine.cohort_sizes):
+    assert all(x.shape[0] == k for x in jax.tree.leaves(group))
+
+
+def test_host_store_lives_on_the_cpu_device_and_is_written_in_place():
+  config = small_config(**HOST_CASES["fml"])
+  engine = make_engine(config, "vmap", "host")
+  state = engine.init(config.seed)
+  cpu = jax.devices("cpu")[0]
+  assert all(x.devices() == {cpu} for x in jax.tree.leaves(state.population))
+  before = jax.device_get(state.population)
+  slots = [np.asarray(s) for s in engine.sample_slots(state.key, state.round)]
+  state, _ = engine.run_round(state)
+  after = jax.device_get(state.population)
+  assert all(x.devices() == {cpu} for x in jax.tree.leaves(state.population))
+  for g, group_slots in enumerate(slots):
+    kernel = lambda p: np.asarray(jax.tree.leaves(p[g].params)[-1])
+    changed = np.flatnonzero(np.any(kernel(before) != kernel(after), axis=tuple(
+        range(1, kernel(before).ndim))))
+    np.testing.assert_array_equal(changed, np.sort(group_slots))
 
 
 def test_groups_sample_their_share_and_only_the_sampled_clients_change():

@@ -1,6 +1,7 @@
 """Runs that survive: kill -9 and resume, corrupted checkpoints, the divergence guard,
 config changes in a workdir, and the memory/disk preflight."""
 
+import dataclasses
 import json
 import os
 import random
@@ -185,6 +186,46 @@ def test_memory_preflight_refuses_with_numbers(tmp_path):
   assert "not enough memory" in message and "50000 clients x 12.69 MiB" in message
   assert "GiB is free" in message
   assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_host_store_run_resumes_and_equals_the_device_store(tmp_path):
+  """placement=host through train.run: evaluation reads the host store, checkpoints
+  save and restore it (restored onto the host), and the metrics equal placement=device."""
+  base = dict(num_clients=8, clients_per_round=3, num_rounds=4, checkpoint_every=2,
+              local_models="mlp,mlp_small")
+  train.run(small_config(**base, placement="host"), str(tmp_path / "host"))
+  # Extend the run: round 4's checkpoint is restored into the host store.
+  train.run(small_config(**dict(base, num_rounds=6), placement="host"), str(tmp_path / "host"))
+  train.run(small_config(**dict(base, num_rounds=6)), str(tmp_path / "device"))
+  host, device = metrics_without_timing(tmp_path / "host"), metrics_without_timing(
+      tmp_path / "device")
+  assert [r["round"] for r in host] == list(range(1, 7))
+  for a, b in zip(host, device):
+    assert a.keys() == b.keys()
+    for k in a:
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-5, err_msg=k)
+  assert json.load(open(tmp_path / "host" / "summary.json"))["resumed_after_round"] == 4
+
+
+def test_memory_preflight_checks_the_host_store_against_host_memory(monkeypatch):
+  """On a GPU/TPU the accelerator needs only the cohort's rows with placement=host, and
+  the population is checked against the host's free memory (simulated backend)."""
+  estimate = preflight.MemoryEstimate(
+      state_bytes=100 * 2**30 + 2**20, population_bytes=100 * 2**30, per_client_bytes=2**20,
+      round_bytes=2**30, num_clients=102400, on_host=True, cohort_bytes=2**30)
+  assert estimate.device_bytes == 2 * 2**30 + 2**20 and estimate.host_bytes == 100 * 2**30
+  monkeypatch.setattr(preflight.jax, "default_backend", lambda: "gpu")
+  preflight.check_memory(estimate, available=10 * 2**30, host_available=200 * 2**30)
+  with pytest.raises(preflight.ResourceError, match=r"not enough host memory .*placement=host"
+                     r".*needs 100.00 GiB.*50.00 GiB is free"):
+    preflight.check_memory(estimate, available=10 * 2**30, host_available=50 * 2**30)
+  on_device = dataclasses.replace(estimate, on_host=False, cohort_bytes=0)
+  with pytest.raises(preflight.ResourceError, match=r"not enough memory on gpu.*placement=host"):
+    preflight.check_memory(on_device, available=10 * 2**30, host_available=200 * 2**30)
+  # On a CPU backend host and device are one memory: everything counts against it.
+  monkeypatch.setattr(preflight.jax, "default_backend", lambda: "cpu")
+  with pytest.raises(preflight.ResourceError, match="not enough memory on cpu"):
+    preflight.check_memory(estimate, available=60 * 2**30)
 
 
 def test_disk_preflight_refuses_with_numbers(tmp_path, monkeypatch):

@@ -27,21 +27,29 @@ out = {}
 # Two architecture groups of 4 clients, the whole population each round, for FML and
 # FedH2L (messages stacked over the cohort, then routed).
 GROUPS = dict(local_models="mlp,mlp_small", clients_per_round=8, public_size=40)
-for algorithm in ["fml", "fedavg", "local", "fedmr", "fml_groups", "fedh2l_groups"]:
+# "_host": the population in host memory (CPU device 0), each round's cohort moved to
+# and sharded over the 4 devices and back.
+for algorithm in ["fml", "fedavg", "local", "fedmr", "fml_groups", "fedh2l_groups",
+                  "fml_groups_host"]:
   results = {}
   for devices in (1, 4):
-    extra = GROUPS if algorithm.endswith("_groups") else dict(clients_per_round=4)
-    c = small_config(algorithm=algorithm.replace("_groups", ""), num_clients=8, **extra)
+    extra = GROUPS if "_groups" in algorithm else dict(clients_per_round=4)
+    # The host store: groups of 6 clients (not a multiple of 4: it is not sharded), 4 of
+    # each per round.
+    num_clients = 12 if algorithm.endswith("_host") else 8
+    c = small_config(algorithm=algorithm.split("_")[0], num_clients=num_clients, **extra)
     data = load_federated_data(c)
     engine = Engine(build_algorithm(c, data.num_classes, data.input_shape), data,
-                    c.clients_per_round,
-                    strategy="vmap", mesh=client_mesh(devices))
+                    c.clients_per_round, strategy="vmap", mesh=client_mesh(devices),
+                    placement="host" if algorithm.endswith("_host") and devices > 1
+                    else "device")
     state = engine.init(c.seed)
     engine.compile(engine.abstract_state(c.seed))
     for _ in range(2):
       state, report = engine.run_round(state)
     leaves = jax.tree.leaves(state.population)
-    sharded = [str(getattr(leaves[0].sharding, "spec", None))] if leaves else []
+    sharded = ([str(getattr(leaves[0].sharding, "spec", leaves[0].sharding))] if leaves
+               else [])
     results[devices] = (jax.device_get(state), sharded)
   diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), results[1][0], results[4][0])
   out[algorithm] = {"max_abs_diff": max(jax.tree.leaves(diffs)), "spec": results[4][1]}
@@ -61,6 +69,8 @@ def test_sharded_over_four_devices_equals_one_device():
     assert r["max_abs_diff"] < 1e-4, (algorithm, r)
   assert "clients" in result["fml"]["spec"][0]   # the population is split by client
   assert "clients" in result["fml_groups"]["spec"][0]
+  assert "TFRT_CPU_0" in result["fml_groups_host"]["spec"][0] or "id=0" in (
+      result["fml_groups_host"]["spec"][0])   # the host store stays on CPU device 0
 
 
 @pytest.mark.parametrize("algorithm", ["fml", "fedmr"])

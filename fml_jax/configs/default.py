@@ -93,6 +93,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.strategy = "auto"             # auto | vmap | chunked | sequential
   c.chunk_size = 16               # chunked: clients vmapped at once (lax.map over the chunks)
   c.mesh_shape = 1                # devices the client axis is sharded over (0: all devices)
+  c.placement = "device"          # where every client's state lives: device | host (moved per
+                                  # round: for populations bigger than the accelerator's memory)
   c.eval_every = 1                # evaluate (and write a metrics line) every N rounds
   c.eval_clients_on_global_test = False  # also each client's own model on the whole test set
                                          # (always on for fedmd and fedh2l)
