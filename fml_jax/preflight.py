@@ -45,6 +45,7 @@ class MemoryEstimate:
   num_clients: int
   on_host: bool = False     # the population lives in host memory (placement=host) ...
   cohort_bytes: int = 0     # ... and each round moves this much of it to the accelerator
+  data_bytes: int = 0       # the dataset and its index tables, on the accelerator
 
   @property
   def host_bytes(self) -> int:
@@ -54,7 +55,8 @@ class MemoryEstimate:
   @property
   def device_bytes(self) -> int:
     """What the accelerator holds during a round."""
-    return self.state_bytes - self.host_bytes + self.cohort_bytes + self.round_bytes
+    return (self.state_bytes - self.host_bytes + self.cohort_bytes + self.round_bytes
+            + self.data_bytes)
 
   @property
   def total(self) -> int:
@@ -65,8 +67,8 @@ class MemoryEstimate:
              "each round" if self.on_host else "")
     return (f"population store {gib(self.population_bytes)} ({self.num_clients} clients x "
             f"{gib(self.per_client_bytes)}){where}, server state "
-            f"{gib(self.state_bytes - self.population_bytes)}, one round's working memory "
-            f"{gib(self.round_bytes)}")
+            f"{gib(self.state_bytes - self.population_bytes)}, data {gib(self.data_bytes)}, "
+            f"one round's working memory {gib(self.round_bytes)}")
 
 
 def estimate_memory(engine, state_like) -> MemoryEstimate:
@@ -80,7 +82,7 @@ def estimate_memory(engine, state_like) -> MemoryEstimate:
                         round_bytes=max(compiled["temp"] + compiled["output"] - compiled["alias"], 0),
                         num_clients=n, on_host=on_host,
                         cohort_bytes=tree_bytes(engine.round_input(state_like).population)
-                        if on_host else 0)
+                        if on_host else 0, data_bytes=tree_bytes(engine.data))
 
 
 def available_host_memory() -> Optional[int]:
