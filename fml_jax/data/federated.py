@@ -132,19 +132,22 @@ def _synthetic(config) -> FederatedData:
                                seed=config.seed,
                                max_examples=config.synthetic_max_client_examples)
   rng = np.random.default_rng([config.seed, 1])
-  train_x, train_y, test_x, test_y, train_parts, test_parts = [], [], [], [], [], []
+  # Each client's held-out share as rows of the generator's one array; the examples are
+  # gathered once at the end (no per-client copies: see synthetic.generate).
+  train_rows, test_rows, train_parts, test_parts = [], [], [], []
   n_train = n_test = 0
-  for x, y in zip(clients.x, clients.y):
+  for start, y in zip(clients.starts, clients.y):
     order = rng.permutation(len(y))
     n_held = min(max(1, int(round(config.synthetic_test_fraction * len(y)))), len(y) - 1)
-    held, kept = order[:n_held], order[n_held:]
-    train_x.append(x[kept]); train_y.append(y[kept])
-    test_x.append(x[held]); test_y.append(y[held])
-    train_parts.append(np.arange(n_train, n_train + len(kept)))
-    test_parts.append(np.arange(n_test, n_test + len(held)))
-    n_train += len(kept); n_test += len(held)
-  x_train, y_train = np.concatenate(train_x), np.concatenate(train_y)
-  x_test, y_test = np.concatenate(test_x), np.concatenate(test_y)
+    test_rows.append(start + order[:n_held])
+    train_rows.append(start + order[n_held:])
+    train_parts.append(np.arange(n_train, n_train + len(y) - n_held))
+    test_parts.append(np.arange(n_test, n_test + n_held))
+    n_train += len(y) - n_held; n_test += n_held
+  train_rows, test_rows = np.concatenate(train_rows), np.concatenate(test_rows)
+  x_train, y_train = clients.all_x[train_rows], clients.all_y[train_rows]
+  x_test, y_test = clients.all_x[test_rows], clients.all_y[test_rows]
+  del clients, train_rows, test_rows
   return _finish(config, x_train, y_train, x_test, y_test, train_parts, test_parts,
                  synthetic.NUM_CLASSES, rng)
 

@@ -24,9 +24,14 @@ NUM_CLASSES = 10
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticClients:
-  """Per-client arrays: x[k] is (n_k, 60) float32, y[k] is (n_k,) int32."""
+  """Per-client arrays: x[k] is (n_k, 60) float32, y[k] is (n_k,) int32; they are views
+  of `all_x`/`all_y`, every client's examples one after another (client k's start at
+  `starts[k]`)."""
   x: list[np.ndarray]
   y: list[np.ndarray]
+  all_x: np.ndarray
+  all_y: np.ndarray
+  starts: np.ndarray
 
 
 def client_sizes(num_clients: int, rng: np.random.Generator,
@@ -46,7 +51,11 @@ def generate(num_clients: int, alpha: float, beta: float, seed: int,
   input_means = rng.normal(0.0, beta, num_clients)    # B_k
   # x ~ N(v_k, diag(j^-1.2)): a diagonal covariance is a per-feature scale.
   feature_std = np.power(np.arange(1, NUM_FEATURES + 1, dtype=np.float64), -0.6)
-  xs, ys = [], []
+  # One array for all clients, written in place: 100,000 clients' separate small arrays
+  # stayed in the allocator's heap after use (about 8 GiB more resident memory).
+  starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+  all_x = np.empty((int(sizes.sum()), NUM_FEATURES), np.float32)
+  all_y = np.empty(int(sizes.sum()), np.int32)
   for k in range(num_clients):
     w = rng.normal(model_means[k], 1.0, (NUM_FEATURES, NUM_CLASSES))
     b = rng.normal(model_means[k], 1.0, NUM_CLASSES)
@@ -54,6 +63,9 @@ def generate(num_clients: int, alpha: float, beta: float, seed: int,
     x = v + feature_std * rng.standard_normal((sizes[k], NUM_FEATURES))
     # argmax of softmax is argmax of the logits.
     y = np.argmax(x @ w + b, axis=1)
-    xs.append(x.astype(np.float32))
-    ys.append(y.astype(np.int32))
-  return SyntheticClients(x=xs, y=ys)
+    all_x[starts[k]:starts[k] + sizes[k]] = x
+    all_y[starts[k]:starts[k] + sizes[k]] = y
+  ends = starts + sizes
+  return SyntheticClients(x=[all_x[a:b] for a, b in zip(starts, ends)],
+                          y=[all_y[a:b] for a, b in zip(starts, ends)],
+                          all_x=all_x, all_y=all_y, starts=starts)
