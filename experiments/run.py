@@ -16,8 +16,9 @@ Experiments (`python experiments/run.py --list` prints them with their runs):
 
 Every run is a normal `fml_jax.train.run` in OUT/EXPERIMENT/RUN (a finished run is
 reused, so an interrupted experiment continues where it stopped). Afterwards
-OUT/EXPERIMENT/table.md holds one row per run (final and best accuracies, bytes,
-seconds) and OUT/EXPERIMENT/EXPERIMENT.png the curves (`fml_jax.plot`).
+OUT/EXPERIMENT/table.md holds one row per finished run in the folder (final and best
+accuracies, bytes, seconds; runs made by earlier `--only` batches included) and
+OUT/EXPERIMENT/EXPERIMENT.png their curves (`fml_jax.plot`).
 
 `--quick` runs one representative run of each experiment at a size that takes
 seconds (few clients, rounds and examples; MNIST and MLPs only): what CI runs so
@@ -179,7 +180,6 @@ def run_experiment(name: str, out: Path, is_quick: bool, data_dir: str = "",
   if only:
     runs = {k: v for k, v in runs.items() if k in only}
   folder = out / name
-  rows, workdirs = [], []
   for run_name, overrides in runs.items():
     overrides = quick(overrides) if is_quick else overrides
     workdir = folder / run_name
@@ -188,17 +188,20 @@ def run_experiment(name: str, out: Path, is_quick: bool, data_dir: str = "",
     print(f"[{name}] {run_name}: personalized {summary['final']['local_test_acc_mean']:.4f}, "
           f"global {summary['final']['global_test_acc']} ({time.perf_counter() - t0:.0f} s)",
           file=sys.stderr)
-    rows.append(table_row(run_name, summary))
-    workdirs.append(str(workdir))
+  # The table and figure cover every finished run of the experiment in the folder, so
+  # runs made in several `--only` batches end up in one table, in the experiment's order.
+  finished = [r for r in EXPERIMENTS[name]() if (folder / r / "summary.json").exists()]
+  rows = [table_row(r, json.loads((folder / r / "summary.json").read_text())) for r in finished]
   table = folder / "table.md"
   table.write_text(f"{TABLE_HEADER}\n" + "\n".join(rows) + "\n")
-  plot.plot_runs(workdirs, str(folder / f"{name}.png"), title=name, labels=list(runs))
+  plot.plot_runs([str(folder / r) for r in finished], str(folder / f"{name}.png"), title=name,
+                 labels=finished)
   if name == "fedmd":
-    _fedmd_party_table(folder, runs)
+    _fedmd_party_table(folder, finished)
   return table
 
 
-def _fedmd_party_table(folder: Path, runs: dict) -> None:
+def _fedmd_party_table(folder: Path, runs: list[str]) -> None:
   """Per-party accuracy (each party's model on the whole private test set) without
   collaboration, after the last round, and pooled."""
   lines = []

@@ -34,3 +34,18 @@ def test_quick_keeps_the_experiment_small_and_on_mnist():
       assert q.get("dataset", "synthetic") in ("mnist", "synthetic")
       assert "lenet5" not in q.get("local_models", "") and "fedmd_" not in q.get(
           "local_models", "")
+
+
+@requires_mnist
+def test_table_covers_runs_finished_in_earlier_batches(tmp_path):
+  """`--only` batches add up: the table lists every finished run of the experiment in the
+  folder, in the experiment's order, not just the batch just run."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  experiments.run_experiment("baselines", tmp_path, True, SHARED_TFDS)
+  folder = tmp_path / "baselines"
+  # Stands for a run finished by an earlier batch (same files as a real one).
+  shutil.copytree(folder / "mnist-dir0.1-fml", folder / "mnist-iid-fml")
+  table = experiments.run_experiment("baselines", tmp_path, True, SHARED_TFDS,
+                                     only=["mnist-dir0.1-fml"])
+  names = [l.split("|")[1].strip() for l in table.read_text().splitlines()[2:]]
+  assert names == ["mnist-iid-fml", "mnist-dir0.1-fml"]
