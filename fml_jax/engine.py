@@ -94,6 +94,17 @@ class Cohort:
   """One architecture group's part of the round's cohort."""
   clients: ClientInfo     # the sampled clients of the group (leading axis k_g)
   client_state: Any       # their slices of the group's population
+  slots: jax.Array        # (k_g,) int32 their rows in the group's population
+
+
+def take_rows(tree, rows):
+  """The rows `rows` of every leaf's leading (client) axis."""
+  return jax.tree.map(lambda a: a[rows], tree)
+
+
+def put_rows(tree, rows, new):
+  """`tree` with the rows `rows` of every leaf replaced by `new`'s."""
+  return jax.tree.map(lambda a, n: a.at[rows].set(n), tree, new)
 
 
 def apportion(total: int, sizes: list[int]) -> list[int]:
@@ -226,11 +237,11 @@ class Engine:
     if any(len(m) == 0 for m in self.members):
       raise ConfigError("local_models", "an architecture group has no clients")
     self.group_sizes = [len(m) for m in self.members]
-    # Each client's row in its group's population (for the scatter after a round).
-    self.slot_of_client = np.zeros(data.num_clients, np.int32)
-    for members in self.members:
-      self.slot_of_client[members] = np.arange(len(members))
     self.cohort_sizes = apportion(clients_per_round, self.group_sizes)
+    # Groups that take part whole every round: in member order, with nothing gathered
+    # or scattered (on XLA:CPU those were a fifth of an MLP round, and held two extra
+    # copies of the population).
+    self.whole_group = [k == n for k, n in zip(self.cohort_sizes, self.group_sizes)]
     self.mesh = mesh
     self.compiled_flops = 0.0   # set by compile()
     if mesh is not None:
@@ -263,11 +274,9 @@ class Engine:
     self._finish_sequential = jax.jit(self.finish_round, donate_argnums=(0, 4))
     self._vmap_round = jax.jit(self.vmap_round, donate_argnums=0)
     # The host store's gather and in-place scatter; they run where the population is.
-    self._gather = jax.jit(lambda population, slots: tuple(
-        jax.tree.map(lambda p, s=s: p[s], group) for group, s in zip(population, slots)))
+    self._gather = jax.jit(lambda population, slots: tuple(map(take_rows, population, slots)))
     self._scatter = jax.jit(lambda population, slots, new: tuple(
-        jax.tree.map(lambda p, n, s=s: p.at[s].set(n), group, new_group)
-        for group, s, new_group in zip(population, slots, new)), donate_argnums=0)
+        map(put_rows, population, slots, new)), donate_argnums=0)
 
   @property
   def num_groups(self) -> int:
@@ -299,8 +308,7 @@ class Engine:
         results = jax.eval_shape(
             jax.vmap(lambda s, c, i: self.algorithm.client_update(s, c, i, self.data, g),
                      in_axes=(None, 0, 0)), server, cohort.client_state, cohort.clients)
-        gathered = (self.placement == "device"
-                    and self.cohort_sizes[g] < self.group_sizes[g])
+        gathered = self.placement == "device" and not self.whole_group[g]
         # The gathered cohort, the clients split_clients has cut out at once, and the
         # per-client outputs with their stacked copy.
         split = min(SPLIT_CHUNK, self.cohort_sizes[g]) / self.cohort_sizes[g]
@@ -337,10 +345,9 @@ class Engine:
     replicated; None for a device store without a mesh (JAX's default placement)."""
     if self.mesh is None and self.placement == "device":
       return None
-    replicated = (NamedSharding(self.mesh, P()) if self.mesh is not None
-                  else SingleDeviceSharding(jax.devices()[0]))
+    replicated = self.replicated_sharding() or SingleDeviceSharding(jax.devices()[0])
     clients = (SingleDeviceSharding(self.host_device) if self.placement == "host"
-               else NamedSharding(self.mesh, P("clients")))
+               else self.cohort_sharding())
     return state.replace(round=replicated, key=replicated,
                          server=jax.tree.map(lambda _: replicated, state.server),
                          population=jax.tree.map(lambda _: clients, state.population))
@@ -355,6 +362,10 @@ class Engine:
     if self.mesh is not None:
       return NamedSharding(self.mesh, P("clients"))
     return SingleDeviceSharding(jax.devices()[0])
+
+  def replicated_sharding(self):
+    """Every device of the mesh holds it all; None without a mesh."""
+    return NamedSharding(self.mesh, P()) if self.mesh is not None else None
 
   def round_input(self, state_like: RoundState) -> RoundState:
     """The state the jitted round takes: the state itself for a device store; with
@@ -371,8 +382,7 @@ class Engine:
     """The shapes of `sample_slots`'s output with the host store (None otherwise)."""
     if self.placement == "device":
       return None
-    replicated = NamedSharding(self.mesh, P()) if self.mesh is not None else None
-    return tuple(jax.ShapeDtypeStruct((k,), jnp.int32, sharding=replicated)
+    return tuple(jax.ShapeDtypeStruct((k,), jnp.int32, sharding=self.replicated_sharding())
                  for k in self.cohort_sizes)
 
   def init(self, seed: int) -> RoundState:
@@ -396,7 +406,7 @@ class Engine:
     sample_key = jax.random.fold_in(jax.random.fold_in(key, round_number), 0)
     slots = []
     for g, (members, k) in enumerate(zip(self.members, self.cohort_sizes)):
-      if k == len(members):
+      if self.whole_group[g]:
         slots.append(jnp.arange(k, dtype=jnp.int32))
       else:
         group_key = sample_key if self.num_groups == 1 else jax.random.fold_in(sample_key, g)
@@ -418,21 +428,17 @@ class Engine:
       slots = self.sample_slots(state.key, state.round)
     cohorts, offset = [], 0
     for g, (members, k) in enumerate(zip(self.members, self.cohort_sizes)):
-      # Full participation: the whole group in member order, so the population is used
-      # as it is, with no gather now and no scatter at the end (on XLA:CPU they were a
-      # fifth of an MLP round, and they held two extra copies of it).
-      everyone_in_group = k == len(members)
       ids = jnp.asarray(members, jnp.int32)[slots[g]]
       # A client's key depends on its id, not its position in the cohort.
       keys = jax.vmap(jax.random.fold_in, (None, 0))(client_key, ids)
       clients = ClientInfo(id=ids, position=offset + jnp.arange(k, dtype=jnp.int32),
                            train_idx=data.train_rows(ids), train_n=data.train_n[ids], key=keys,
                            round=jnp.full((k,), state.round, jnp.int32))
-      if everyone_in_group or gathered:
+      if self.whole_group[g] or gathered:   # the population (or the host's cohort) as it is
         client_state = state.population[g] if return_whole else None
       else:
-        client_state = jax.tree.map(lambda p, s=slots[g]: p[s], state.population[g])
-      cohorts.append(Cohort(clients=clients, client_state=client_state))
+        client_state = take_rows(state.population[g], slots[g])
+      cohorts.append(Cohort(clients=clients, client_state=client_state, slots=slots[g]))
       offset += k
     everyone = concat_clients([c.clients for c in cohorts])
     if self.aggregation == "weighted":
@@ -450,12 +456,10 @@ class Engine:
     population = []
     for g, (cohort, result) in enumerate(zip(cohorts, results)):
       # The whole group in member order, or the host store's cohort (scattered on the host).
-      if self.cohort_sizes[g] == self.group_sizes[g] or self.placement == "host":
+      if self.whole_group[g] or self.placement == "host":
         population.append(result.client_state)
-        continue
-      slots = jnp.asarray(self.slot_of_client)[cohort.clients.id]
-      population.append(jax.tree.map(lambda p, new: p.at[slots].set(new), state.population[g],
-                                     result.client_state))
+      else:
+        population.append(put_rows(state.population[g], cohort.slots, result.client_state))
     uploads = concat_clients([r.upload for r in results])
     metrics = concat_clients([r.metrics for r in results])
     server = self.algorithm.server_update(server, uploads, context)
@@ -491,7 +495,7 @@ class Engine:
     """Inside the jitted round: lay a cohort-shaped tree out along the mesh's client axis."""
     if self.mesh is None:
       return tree
-    return jax.lax.with_sharding_constraint(tree, NamedSharding(self.mesh, P("clients")))
+    return jax.lax.with_sharding_constraint(tree, self.cohort_sharding())
 
   # --- strategies ----------------------------------------------------------------------
 

@@ -56,7 +56,7 @@ class ClientInfo:
   """Who a client is this round (batched over the cohort in `RoundContext.clients`)."""
   id: jax.Array         # () int32, index into the population
   position: jax.Array   # () int32, place in the cohort: 0 .. clients_per_round - 1
-  train_idx: jax.Array  # (max_n,) its row of the data's index table
+  train_idx: jax.Array  # (max_train,) its indices into x_train (data.train_rows), 0-padded
   train_n: jax.Array    # () how many entries of the row are real
   key: jax.Array        # its PRNG key for this round (depends on round and id only)
   round: jax.Array      # () int32, 0-based index of the round being run
