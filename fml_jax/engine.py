@@ -267,6 +267,11 @@ class Engine:
     self._exchange = jax.jit(algorithm.exchange)
     self._client_message = jax.jit(algorithm.client_message, static_argnums=4)
     self._client_update = jax.jit(algorithm.client_update, static_argnums=4)
+    # Jitted once (FedMD's pooled-data bound runs the warm start a second time).
+    self._warm_start_one = jax.jit(algorithm.warm_start, static_argnums=3)
+    self._warm_start_group = jax.jit(lambda states, clients, data, g: map_over_clients(
+        lambda cs, ci: algorithm.warm_start(cs, ci, data, g), (), (states, clients),
+        self.chunk_size), static_argnums=3)
     self.chunk_size = 0   # (tracing for `auto` maps plainly)
     self.strategy = resolve_strategy(strategy, self._cpu_prefers_vmap)
     self.chunk_size = chunk_size if self.strategy == "chunked" else 0
@@ -550,17 +555,12 @@ class Engine:
                            train_idx=idx, train_n=n,
                            key=jax.vmap(jax.random.fold_in, (None, 0))(key, ids),
                            round=jnp.zeros(len(members), jnp.int32))
-      fn = lambda client_state, client, data, g=g: self.algorithm.warm_start(
-          client_state, client, data, g)
       if self.strategy == "sequential":
-        one = jax.jit(fn)
-        outputs = [one(client_state, client, self.data)
+        outputs = [self._warm_start_one(client_state, client, self.data, g)
                    for client_state, client in split_clients((group_state, clients))]
         population.append(jax.tree.map(lambda *xs: jnp.stack(xs), *outputs))
       else:
-        population.append(jax.jit(lambda p, c, data, fn=fn: map_over_clients(
-            lambda cs, ci: fn(cs, ci, data), (), (p, c), self.chunk_size))(
-                group_state, clients, self.data))
+        population.append(self._warm_start_group(group_state, clients, self.data, g))
     return self.place(state.replace(population=tuple(population)))
 
   def run_round(self, state: RoundState) -> tuple[RoundState, RoundReport]:
