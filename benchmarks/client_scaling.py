@@ -25,7 +25,7 @@ table and (with matplotlib) a log-log plot.
 
 At each cohort size every strategy and the PyTorch loop are set up first and then
 timed round-robin (one round of each in turn, --reps times; medians reported), so a
-slow spell of a shared machine hits all of them alike. `auto` is the engine's own
+slow spell of a shared machine hits all of them alike. `auto` is the runner's own
 rule, reported as the strategy it picks. The JSON and markdown are rewritten after
 every cohort, marked incomplete until the last one.
 """
@@ -52,7 +52,7 @@ from fml_jax import preflight  # pylint: disable=g-import-not-at-top
 from fml_jax.algorithms import build_algorithm  # pylint: disable=g-import-not-at-top
 from fml_jax.configs import default  # pylint: disable=g-import-not-at-top
 from fml_jax.data import from_client_lists  # pylint: disable=g-import-not-at-top
-from fml_jax.engine import Engine  # pylint: disable=g-import-not-at-top
+from fml_jax.rounds import Runner  # pylint: disable=g-import-not-at-top
 
 BATCH = 32
 INPUT_SHAPE = (28, 28, 1)
@@ -100,36 +100,36 @@ def per_client_flops(model: str) -> float:
   undercount `chunked`."""
   if model not in _PER_CLIENT_FLOPS:
     config = fml_config(model, 1, 1)
-    engine = Engine(build_algorithm(config, 10, INPUT_SHAPE), benchmark_data(1), 1, "uniform",
+    runner = Runner(build_algorithm(config, 10, INPUT_SHAPE), benchmark_data(1), 1, "uniform",
                     "sequential")
-    engine.compile(engine.abstract_state(0))
-    _PER_CLIENT_FLOPS[model] = engine.compiled_flops
+    runner.compile(runner.abstract_state(0))
+    _PER_CLIENT_FLOPS[model] = runner.compiled_flops
   return _PER_CLIENT_FLOPS[model]
 
 
 def setup_jax(model: str, cohort: int, steps: int, strategy: str, chunk_size: int,
               reserved: int = 0):
-  """An engine ready to time (compiled, warmed up), or {"skipped": why} when XLA's memory
-  estimate does not fit in the free memory less `reserved` (engines already set up)."""
+  """An runner ready to time (compiled, warmed up), or {"skipped": why} when XLA's memory
+  estimate does not fit in the free memory less `reserved` (runners already set up)."""
   config = fml_config(model, cohort, min(chunk_size, cohort))
   data = benchmark_data(cohort, steps)
-  engine = Engine(build_algorithm(config, 10, INPUT_SHAPE), data, cohort, "uniform", strategy,
+  runner = Runner(build_algorithm(config, 10, INPUT_SHAPE), data, cohort, "uniform", strategy,
                   chunk_size=config.chunk_size)
-  abstract = engine.abstract_state(0)
-  estimate = preflight.estimate_memory(engine, abstract)
+  abstract = runner.abstract_state(0)
+  estimate = preflight.estimate_memory(runner, abstract)
   available = preflight.available_memory()
   if available is not None and estimate.total + reserved > preflight.HEADROOM * available:
     held = f" beside {preflight.gib(reserved)} held by the other strategies" if reserved else ""
     return {"skipped": f"needs {preflight.gib(estimate.total)}{held}, "
                        f"{preflight.gib(available)} free"}
-  holder = {"state": engine.init(0)}
+  holder = {"state": runner.init(0)}
 
   def one_round():
-    holder["state"], report = engine.run_round(holder["state"])
+    holder["state"], report = runner.run_round(holder["state"])
     jax.block_until_ready((holder["state"], report))
 
   one_round()   # warm-up (compiled already; first-run effects)
-  return {"run": one_round, "memory_bytes": estimate.total, "resolved": engine.strategy}
+  return {"run": one_round, "memory_bytes": estimate.total, "resolved": runner.strategy}
 
 
 def jax_result(setup: dict, times: list, model: str, cohort: int, steps: int) -> dict:
@@ -239,11 +239,11 @@ _AUTO = {}
 
 
 def auto_strategy(model: str, steps: int) -> str:
-  """What `strategy=auto` picks for this model and steps on this backend (the engine's
+  """What `strategy=auto` picks for this model and steps on this backend (the runner's
   own rule)."""
   if (model, steps) not in _AUTO:
     config = fml_config(model, 1, 1)
-    _AUTO[model, steps] = Engine(build_algorithm(config, 10, INPUT_SHAPE),
+    _AUTO[model, steps] = Runner(build_algorithm(config, 10, INPUT_SHAPE),
                                  benchmark_data(1, steps), 1, "uniform", "auto").strategy
   return _AUTO[model, steps]
 

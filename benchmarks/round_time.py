@@ -30,7 +30,7 @@ import jax  # pylint: disable=g-import-not-at-top
 from fml_jax.algorithms import build_algorithm  # pylint: disable=g-import-not-at-top
 from fml_jax.configs import default, fml  # pylint: disable=g-import-not-at-top
 from fml_jax.data import load_federated_data  # pylint: disable=g-import-not-at-top
-from fml_jax.engine import Engine  # pylint: disable=g-import-not-at-top
+from fml_jax.rounds import Runner  # pylint: disable=g-import-not-at-top
 
 STRATEGIES = ("sequential", "vmap")
 
@@ -62,16 +62,16 @@ def cpu_name() -> str:
 
 def measure(config, rounds: int) -> dict:
   data = load_federated_data(config)
-  engines, states, times = {}, {}, {s: [] for s in STRATEGIES}
+  runners, states, times = {}, {}, {s: [] for s in STRATEGIES}
   for strategy in STRATEGIES:
     algorithm = build_algorithm(config, data.num_classes, data.input_shape)
-    engines[strategy] = Engine(algorithm, data, config.clients_per_round, config.aggregation,
+    runners[strategy] = Runner(algorithm, data, config.clients_per_round, config.aggregation,
                                strategy)
-    states[strategy] = engines[strategy].init(config.seed)
+    states[strategy] = runners[strategy].init(config.seed)
   for _ in range(rounds):
     for strategy in STRATEGIES:   # interleaved: both see the same machine load
       t0 = time.perf_counter()
-      states[strategy], report = engines[strategy].run_round(states[strategy])
+      states[strategy], report = runners[strategy].run_round(states[strategy])
       jax.block_until_ready((states[strategy], report))
       times[strategy].append(time.perf_counter() - t0)
   steps = int(jax.device_get(-(-data.train_n // config.batch_size)).sum())

@@ -36,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from fml_jax import plot, train  # noqa: E402  pylint: disable=g-import-not-at-top
+from fml_jax import plot, settings, train  # noqa: E402  pylint: disable=g-import-not-at-top
 from fml_jax.configs import default  # noqa: E402  pylint: disable=g-import-not-at-top
 
 # Shared by every run of an experiment unless a run overrides it.
@@ -72,9 +72,9 @@ def _dom():
       "catfish-fml": dict(base, algorithm="fml", local_models="mlp", catfish_clients="0",
                           catfish_model="lenet5"),
       "homogeneous-fml": dict(base, algorithm="fml", local_models="mlp"),
-      "balance-official": dict(base, algorithm="fml", beta=0.1, alpha_schedule="official",
-                               beta_schedule="official", lr_schedule="official"),
-      "balance-constant": dict(base, algorithm="fml", beta=0.1),
+      "balance-official": dict(base, algorithm="fml", fml__beta=0.1, fml__alpha_schedule="official",
+                               fml__beta_schedule="official", fml__lr_schedule="official"),
+      "balance-constant": dict(base, algorithm="fml", fml__beta=0.1),
   }
 
 
@@ -83,7 +83,7 @@ def _fedmd():
   # The official protocol (configs/fedmd.py) at a size a 2-core CPU runs in about half
   # an hour: 1/8-width parties, 3,000 public images, alignment 1,000, 8 rounds.
   base = dict(fedmd.get_config().to_dict(), local_models=FEDMD_SMALL, public_size=3000,
-              fedmd_alignment_size=1000, fedmd_public_epochs=3, fedmd_private_epochs=10,
+              fedmd__alignment_size=1000, fedmd__public_epochs=3, fedmd__private_epochs=10,
               num_rounds=8, checkpoint_every=0)
   return {"fedmd-small-family": base}
 
@@ -108,8 +108,8 @@ def _distillation():
       "fedh2l": dict(base, algorithm="fedh2l"),
       "fml": dict(base, algorithm="fml"),
       "fedmd": dict(base, algorithm="fedmd", optimizer="adam", learning_rate=1e-3,
-                    momentum=0.0, weight_decay=0.0, fedmd_alignment_size=500,
-                    fedmd_public_epochs=5, fedmd_private_epochs=5, fedmd_report_bounds=False),
+                    momentum=0.0, weight_decay=0.0, fedmd__alignment_size=500,
+                    fedmd__public_epochs=5, fedmd__private_epochs=5, fedmd__report_bounds=False),
       "local": dict(base, algorithm="local"),
   }
 
@@ -119,8 +119,8 @@ EXPERIMENTS = {"baselines": _baselines, "dom": _dom, "fedmd": _fedmd, "fedmr": _
 
 # --quick: the same runs, shrunk to seconds each (MNIST only).
 QUICK = dict(num_clients=4, clients_per_round=4, num_rounds=2, eval_every=1, local_epochs=1,
-             client_max_examples=40, public_size=0, fedmd_public_epochs=1,
-             fedmd_private_epochs=1, fedmd_alignment_size=64, fedmd_digest_batch_size=32)
+             client_max_examples=40, public_size=0, fedmd__public_epochs=1,
+             fedmd__private_epochs=1, fedmd__alignment_size=64, fedmd__digest_batch_size=32)
 
 
 # --quick runs one run per experiment that stands for the rest (the features of the
@@ -150,8 +150,7 @@ def quick(overrides: dict) -> dict:
 
 def make_config(overrides: dict, data_dir: str):
   c = default.get_config()
-  for key, value in overrides.items():
-    c[key] = value
+  settings.apply_overrides(c, overrides)
   if data_dir:
     c.data_dir = data_dir
   return c

@@ -4,8 +4,6 @@ personalized model on its own test split (vmapped over clients, in chunks)."""
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,9 +12,7 @@ import optax
 
 from fml_jax.data import FederatedData
 from fml_jax.models import apply_model
-
-if TYPE_CHECKING:   # evaluation is imported by algorithms; avoid the cycle
-  from fml_jax.algorithms.base import PersonalizedModels
+from fml_jax.rounds.types import PersonalizedModels
 
 # Examples evaluated at once (summed over the clients of a chunk), bounding activation memory.
 EXAMPLES_PER_CALL = 4096
@@ -106,7 +102,7 @@ def evaluate_personalized(models: PersonalizedModels, data: FederatedData,
     rows = np.zeros_like(pos) if on_global_test else client_ids[pos]
     chunk_vars = (jax.tree.map(lambda p: p[pos], variables) if models.per_client
                   else variables)
-    # Onto the data's devices: with the host store (engine placement "host") the
+    # Onto the data's devices: with the host store (placement "host") the
     # population lives on JAX's CPU device, the test set on the accelerator.
     chunk_vars = jax.device_put(chunk_vars, data.x_test.sharding)
     acc, loss = _evaluate_client_chunk(models.model, chunk_vars, data, models.per_client,

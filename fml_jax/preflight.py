@@ -18,7 +18,7 @@ from typing import Optional
 
 import jax
 
-from fml_jax.engine import tree_bytes
+from fml_jax.trees import tree_bytes
 from fml_jax.errors import UserError
 
 HEADROOM = 0.9   # refuse above this share of the free memory
@@ -71,18 +71,18 @@ class MemoryEstimate:
             f"one round's working memory {gib(self.round_bytes)}")
 
 
-def estimate_memory(engine, state_like) -> MemoryEstimate:
-  """Compiles the engine's round (kept for the run) and sizes what it needs."""
-  compiled = engine.compile(state_like)
+def estimate_memory(runner, state_like) -> MemoryEstimate:
+  """Compiles the runner's round (kept for the run) and sizes what it needs."""
+  compiled = runner.compile(state_like)
   population = tree_bytes(state_like.population)
-  n = engine.data.num_clients
-  on_host = engine.placement == "host"
+  n = runner.data.num_clients
+  on_host = runner.placement == "host"
   return MemoryEstimate(state_bytes=tree_bytes(state_like), population_bytes=population,
                         per_client_bytes=population // max(n, 1),
                         round_bytes=max(compiled["temp"] + compiled["output"] - compiled["alias"], 0),
                         num_clients=n, on_host=on_host,
-                        cohort_bytes=tree_bytes(engine.round_input(state_like).population)
-                        if on_host else 0, data_bytes=tree_bytes(engine.data))
+                        cohort_bytes=tree_bytes(runner.store.round_input(state_like).population)
+                        if on_host else 0, data_bytes=tree_bytes(runner.data))
 
 
 def available_host_memory() -> Optional[int]:

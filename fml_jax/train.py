@@ -2,8 +2,8 @@
 
     summary = fml_jax.train.run(config, workdir)
 
-The loop is deliberately thin: everything per client happens inside the engine's
-jitted functions; the host only times rounds, evaluates every `eval_every` rounds
+The loop is deliberately thin: everything per client happens inside the round
+(fml_jax/rounds/); the host only times rounds, evaluates every `eval_every` rounds
 and writes what it measured.
 """
 
@@ -19,10 +19,10 @@ from absl import logging
 
 from fml_jax import config_checks, evaluation, outputs, preflight, reporting
 from fml_jax.checkpoints import Checkpointer
-from fml_jax.algorithms import build_algorithm, fedmd
+from fml_jax.algorithms import build_algorithm
 from fml_jax.data import FederatedData, load_federated_data
-from fml_jax.engine import Engine, RoundState, client_mesh
 from fml_jax.errors import UserError
+from fml_jax.rounds import RoundState, Runner, client_mesh
 
 
 def count_params(tree) -> int:
@@ -33,10 +33,10 @@ def count_params(tree) -> int:
 PER_CLIENT_LIMIT = 100
 
 
-def evaluate(engine: Engine, state: RoundState, data: FederatedData) -> dict:
+def evaluate(runner: Runner, state: RoundState, data: FederatedData) -> dict:
   """The metrics of one evaluation: global model on the global test set, and each
   client's personalized model on its own test split."""
-  algorithm = engine.algorithm
+  algorithm = runner.algorithm
   result = {"global_test_acc": None, "global_test_loss": None}
   global_model = algorithm.global_model(state.server)
   if global_model is not None:
@@ -46,7 +46,7 @@ def evaluate(engine: Engine, state: RoundState, data: FederatedData) -> dict:
   accs = evaluation.evaluate_all_personalized(models, data)
   result.update(local_test_acc_mean=float(accs.mean()), local_test_acc_min=float(accs.min()),
                 local_test_acc_max=float(accs.max()))
-  if algorithm.evaluates_clients_on_global_test or engine.algorithm.config.get(
+  if algorithm.evaluates_clients_on_global_test or algorithm.config.get(
       "eval_clients_on_global_test", False):
     # Each client's own model on the whole test distribution (FedMD, FedH2L aim at it).
     accs = evaluation.evaluate_all_personalized(models, data, on_global_test=True)
@@ -96,13 +96,13 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
   start = time.perf_counter()
   data = load_federated_data(config)
   algorithm = build_algorithm(config, data.num_classes, data.input_shape)
-  engine = Engine(algorithm, data, config.clients_per_round, config.aggregation, config.strategy,
+  runner = Runner(algorithm, data, config.clients_per_round, config.aggregation, config.strategy,
                   chunk_size=config.chunk_size, mesh=client_mesh(config.mesh_shape),
                   placement=config.placement)
-  data = engine.data   # replicated over the mesh, if there is one
-  abstract_state = engine.abstract_state(config.seed)
-  traffic = engine.communication(abstract_state)   # bytes per round, from shapes
-  memory = preflight.estimate_memory(engine, abstract_state)
+  data = runner.data   # replicated over the mesh, if there is one
+  abstract_state = runner.abstract_state(config.seed)
+  traffic = runner.communication(abstract_state)   # bytes per round, from shapes
+  memory = preflight.estimate_memory(runner, abstract_state)
   preflight.check_memory(memory, preflight.available_memory(),
                          preflight.available_host_memory())
   checkpointer = None
@@ -118,21 +118,21 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
       raise UserError(f"--workdir {workdir} already holds {first_round} rounds, more than "
                       f"num_rounds={config.num_rounds}; raise num_rounds or use another workdir")
     if first_round:
-      state = engine.place(state)
+      state = runner.place(state)
   warm_record = None
   if not first_round:
-    state = engine.init(config.seed)
+    state = runner.init(config.seed)
     if algorithm.has_warm_start:   # FedMD's transfer learning, before round 1
       t0 = time.perf_counter()
-      state = engine.warm_start(state)
-      warm_record = {"round": 0, **evaluate(engine, state, data),
+      state = runner.warm_start(state)
+      warm_record = {"round": 0, **evaluate(runner, state, data),
                      "warm_start_seconds": time.perf_counter() - t0}
       logging.info("after transfer learning (no collaboration): personalized acc %.4f, "
                    "on the global test set %.4f (%.1f s)", warm_record["local_test_acc_mean"],
                    warm_record.get("client_global_test_acc_mean", float("nan")),
                    warm_record["warm_start_seconds"])
-      if config.algorithm == "fedmd" and config.fedmd_report_bounds:
-        write_fedmd_bounds(engine, data, warm_record, path / "bounds.json", config.seed)
+      algorithm.after_warm_start(runner, lambda s: evaluate(runner, s, data), warm_record,
+                                 path, config.seed)
   # A fresh start with a warm start rewrites its round-0 line, so keep nothing before it.
   keep_up_to = first_round if warm_record is None else -1
   records = outputs.read_metrics(path, keep_up_to) if resuming else []
@@ -142,8 +142,8 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
       "%s on %s: %d clients (%d per round), %d train / %d test examples, client sizes %d-%d; "
       "strategy %s on %s, aggregation %s; memory: %s%s", config.algorithm, config.dataset,
       data.num_clients, config.clients_per_round, data.x_train.shape[0], data.x_test.shape[0],
-      int(data.train_n.min()), int(data.train_n.max()), engine.strategy, jax.default_backend(),
-      engine.aggregation, memory.describe(),
+      int(data.train_n.min()), int(data.train_n.max()), runner.strategy, jax.default_backend(),
+      runner.aggregation, memory.describe(),
       f"; resuming after round {first_round}" if first_round else "")
   outputs.atomic_write_json(path / "config.json", config_dict)
   writer = outputs.MetricsWriter(path / "metrics.jsonl")
@@ -157,11 +157,11 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
   try:
     for r in range(first_round + 1, config.num_rounds + 1):
       t0 = time.perf_counter()
-      state, report = engine.run_round(state)
+      state, report = runner.run_round(state)
       _check_finite(report, r, config, checkpointer)   # waits for the round to finish
       round_seconds.append(time.perf_counter() - t0)
       if r % config.eval_every == 0 or r == config.num_rounds:
-        record = {"round": r, **evaluate(engine, state, data),
+        record = {"round": r, **evaluate(runner, state, data),
                   **{k: float(v) for k, v in report.metrics.items()},
                   **traffic, "bytes_up_total": r * traffic["bytes_up"],
                   "bytes_down_total": r * traffic["bytes_down"],
@@ -193,32 +193,16 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
       "median_round_seconds": statistics.median(steady),
       "total_seconds": time.perf_counter() - start,
       "memory_estimate_bytes": memory.total,
-      "strategy": engine.strategy,
-      "aggregation": engine.aggregation,
+      "strategy": runner.strategy,
+      "aggregation": runner.aggregation,
       "backend": jax.default_backend(),
       "devices": [str(d) for d in jax.devices()],
-      "mesh_devices": engine.mesh.size if engine.mesh is not None else 1,
+      "mesh_devices": runner.mesh.size if runner.mesh is not None else 1,
       "jax_version": jax.__version__,
       "global_model_params": count_params(global_model[1]) if global_model else 0,
   }
   outputs.atomic_write_json(path / "summary.json", summary)
   return summary
-
-
-def write_fedmd_bounds(engine: Engine, data: FederatedData, no_collaboration: dict, path,
-                       seed: int) -> None:
-  """FedMD's two reference points, in the metrics' format: each party after transfer
-  learning alone (no collaboration), and each party's architecture trained the same
-  way on every party's private data pooled."""
-  t0 = time.perf_counter()
-  pooled = engine.warm_start(engine.init(seed), rows=fedmd.pooled_rows(data))
-  bounds = {"no_collaboration": no_collaboration,
-            "pooled": {"round": 0, **evaluate(engine, pooled, data),
-                       "warm_start_seconds": time.perf_counter() - t0}}
-  outputs.atomic_write_json(path, bounds)
-  logging.info("pooled-data bound: personalized acc %.4f, on the global test set %.4f",
-               bounds["pooled"]["local_test_acc_mean"],
-               bounds["pooled"]["client_global_test_acc_mean"])
 
 
 def _best(records: list[dict], key: str):

@@ -6,6 +6,7 @@ from pathlib import Path
 import jax
 import pytest
 
+from fml_jax import settings
 from fml_jax.configs import default
 
 REPO = Path(__file__).resolve().parents[1]
@@ -13,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_TFDS = os.environ.get("TFDS_DATA_DIR") or str(REPO.parent / "shared" / "tfds")
 
 
-# Many tests build engines for the same shapes; XLA's persistent cache keys compiled
+# Many tests build runners for the same shapes; XLA's persistent cache keys compiled
 # programs by their HLO, so each distinct program compiles once per test session
 # (compiling dominates these tests on a small CPU). Subprocesses share the folder.
 _CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
@@ -33,7 +34,8 @@ requires_mnist = pytest.mark.skipif(
 
 
 def small_config(**overrides):
-  """The default config shrunk for tests (synthetic data, few clients, few rounds)."""
+  """The default config shrunk for tests (synthetic data, few clients, few rounds).
+  Section fields as `fml__alpha=0.3` (fml_jax.settings.apply_overrides)."""
   c = default.get_config()
   c.num_clients = 6
   c.clients_per_round = 4
@@ -42,6 +44,4 @@ def small_config(**overrides):
   c.batch_size = 16
   c.synthetic_max_client_examples = 120
   c.data_dir = SHARED_TFDS
-  for k, v in overrides.items():
-    c[k] = v
-  return c
+  return settings.apply_overrides(c, overrides)

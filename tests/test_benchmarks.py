@@ -33,7 +33,7 @@ def test_client_scaling_quick(tmp_path):
   for strategy in ("sequential", "vmap", "chunked"):
     assert row[strategy]["client_steps_per_s"] > 0
     assert row[strategy]["gflops"] > 0 and row[strategy]["memory_bytes"] > 0
-  # auto is the engine's rule, reported as the strategy it picks (mlp on CPU: vmap).
+  # auto is the runner's rule, reported as the strategy it picks (mlp on CPU: vmap).
   assert row["auto"]["resolves_to"] == "vmap"
   assert row["auto"]["round_s"] == row["vmap"]["round_s"]
   assert result["machine"]["matmul_peak_gflops"] > 0

@@ -29,9 +29,9 @@ def with_values(**overrides):
 
 BAD = [
     # (overrides, expected field, text expected in the message)
-    (dict(alpha=1.5), "alpha", "outside [0, 1]"),
-    (dict(alpha=-0.01), "alpha", "outside [0, 1]"),
-    (dict(beta=-0.1), "beta", "outside [0, 1]"),
+    (dict(fml__alpha=1.5), "alpha", "outside [0, 1]"),
+    (dict(fml__alpha=-0.01), "alpha", "outside [0, 1]"),
+    (dict(fml__beta=-0.1), "beta", "outside [0, 1]"),
     (dict(num_clients=5, clients_per_round=6), "clients_per_round", "outside [1, 5]"),
     (dict(clients_per_round=0), "clients_per_round", "outside [1, 30]"),
     (dict(algorithm="fedsgd"), "algorithm", "'fedsgd' is not one of fml, fedavg, fedprox, local"),
@@ -51,8 +51,8 @@ BAD = [
     (dict(momentum=1.0), "momentum", "outside [0, 1)"),
     (dict(momentum=-0.5), "momentum", "outside [0, 1)"),
     (dict(weight_decay=-1e-4), "weight_decay", "outside [0, inf)"),
-    (dict(temperature=0.0), "temperature", "outside (0, inf)"),
-    (dict(prox_mu=-0.01), "prox_mu", "outside [0, inf)"),
+    (dict(fml__temperature=0.0), "temperature", "outside (0, inf)"),
+    (dict(fedprox__mu=-0.01), "prox_mu", "outside [0, inf)"),
     (dict(batch_size=0), "batch_size", "outside [1, inf)"),
     (dict(batch_size=True), "batch_size", "is not an integer"),
     (dict(num_rounds=0), "num_rounds", "outside [1, inf)"),
@@ -112,7 +112,7 @@ def test_required_fields_are_all_in_default():
 
 @pytest.mark.parametrize("overrides", [
     dict(),
-    dict(alpha=0.0, beta=1.0, momentum=0.0, weight_decay=0.0, prox_mu=0.0),
+    dict(fml__alpha=0.0, fml__beta=1.0, momentum=0.0, weight_decay=0.0, fedprox__mu=0.0),
     dict(clients_per_round=30),                     # == num_clients
     dict(learning_rate=1),                          # an int is a number
     dict(dirichlet_min_examples=0, synthetic_max_client_examples=0),

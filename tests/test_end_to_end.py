@@ -51,8 +51,8 @@ def test_default_command_runs_and_learns(tmp_path):
 def test_overwrite_replaces_a_different_run(tmp_path):
   train.run(small_config(num_rounds=2), str(tmp_path))
   with pytest.raises(Exception, match="holds a run with a different config"):
-    train.run(small_config(num_rounds=1, alpha=0.2), str(tmp_path))
-  summary = train.run(small_config(num_rounds=1, alpha=0.2), str(tmp_path), overwrite=True)
+    train.run(small_config(num_rounds=1, fml__alpha=0.2), str(tmp_path))
+  summary = train.run(small_config(num_rounds=1, fml__alpha=0.2), str(tmp_path), overwrite=True)
   assert summary["num_rounds"] == 1 and summary["resumed_after_round"] == 0
   assert [m["round"] for m in read_metrics(tmp_path)] == [1]
   assert json.load(open(tmp_path / "config.json"))["alpha"] == 0.2
@@ -123,8 +123,8 @@ def test_fedmd_parties_beat_their_no_collaboration_accuracy(tmp_path):
   c = fedmd.get_config()
   c.update(data_dir=SHARED_TFDS, local_models="mlp_small,mlp", num_clients=4,
            clients_per_round=4, client_max_examples=50, public_size=2000,
-           fedmd_alignment_size=500, fedmd_public_epochs=2, fedmd_private_epochs=10,
-           fedmd_digest_batch_size=64, num_rounds=4, checkpoint_every=0)
+           fedmd__alignment_size=500, fedmd__public_epochs=2, fedmd__private_epochs=10,
+           fedmd__digest_batch_size=64, num_rounds=4, checkpoint_every=0)
   summary = train.run(c, str(tmp_path))
   metrics = read_metrics(tmp_path)
   bounds = json.load(open(tmp_path / "bounds.json"))

@@ -10,7 +10,7 @@ from fml_jax import train
 from fml_jax.algorithms import fedmr
 
 from conftest import requires_mnist, small_config
-from test_engine import make_engine
+from test_rounds import make_runner
 
 K = 6
 
@@ -85,29 +85,29 @@ def slots_all_equal(state):
 
 
 def test_two_stages_switch_at_the_set_round():
-  config = small_config(algorithm="fedmr", clients_per_round=4, fedmr_first_stage_rounds=2)
-  engine = make_engine(config, "vmap")
-  state = engine.init(config.seed)
+  config = small_config(algorithm="fedmr", clients_per_round=4, fedmr__first_stage_rounds=2)
+  runner = make_runner(config, "vmap")
+  state = runner.init(config.seed)
   assert slots_all_equal(state)   # one initialization for every slot
   for r in range(1, 4):
-    state, _ = engine.run_round(state)
+    state, _ = runner.run_round(state)
     # Rounds 1 and 2 (0-based 0 and 1) average; round 3 recombines.
     assert slots_all_equal(state) == (r <= 2), r
 
 
 def test_recombination_preserves_the_mean_model():
   config = small_config(algorithm="fedmr", clients_per_round=4)
-  engine = make_engine(config, "sequential")
-  state = engine.init(config.seed)
-  state, _ = engine.run_round(state)
-  (cohort,), _ = engine.begin_round(state, engine.data)
-  uploads = [engine.algorithm.client_update(state.server, (),
+  runner = make_runner(config, "sequential")
+  state = runner.init(config.seed)
+  state, _ = runner.run_round(state)
+  (cohort,), _ = runner.begin_round(state)
+  uploads = [runner.algorithm.client_update(state.server, (),
                                             jax.tree.map(lambda a: a[i], cohort.clients),
-                                            engine.data, 0).upload["params"] for i in range(4)]
+                                            runner.data, 0).upload["params"] for i in range(4)]
   mean_trained = jax.tree.map(lambda *u: np.mean(np.stack(u), 0), *uploads)
-  state, _ = engine.run_round(state)
+  state, _ = runner.run_round(state)
   assert not slots_all_equal(state)
-  _, global_params = engine.algorithm.global_model(state.server)
+  _, global_params = runner.algorithm.global_model(state.server)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                global_params, mean_trained)
   np.testing.assert_array_equal(np.asarray(state.server["last_client"]),
@@ -119,11 +119,11 @@ def test_optimizer_state_modes_run_and_differ_from_reset(mode):
   base = small_config(algorithm="fedmr", clients_per_round=4, num_rounds=3)
   results = {}
   for m in ("reset", mode):
-    engine = make_engine(small_config(algorithm="fedmr", clients_per_round=4,
-                                      fedmr_optimizer_state=m), "vmap")
-    state = engine.init(base.seed)
+    runner = make_runner(small_config(algorithm="fedmr", clients_per_round=4,
+                                      fedmr__optimizer_state=m), "vmap")
+    state = runner.init(base.seed)
     for _ in range(3):
-      state, _ = engine.run_round(state)
+      state, _ = runner.run_round(state)
     results[m] = jax.device_get(state.server["slots"])
     assert ("opt_state" in state.server) == (m != "reset")
   diff = jax.tree.map(lambda a, b: np.abs(a - b).max(), results["reset"], results[mode])

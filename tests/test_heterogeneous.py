@@ -9,7 +9,7 @@ from conftest import requires_mnist, small_config
 from fml_jax import losses, schedules, tasks
 from fml_jax.algorithms import build_algorithm, fedh2l, fedmd
 from fml_jax.data import load_federated_data
-from fml_jax.engine import Engine, apportion
+from fml_jax.rounds import Runner, apportion
 from fml_jax.errors import ConfigError
 from fml_jax.models import build_model, forward, init_variables
 
@@ -99,12 +99,12 @@ def test_piecewise_schedule_inside_jit():
 
 
 def test_fml_reports_and_uses_the_scheduled_values():
-  config = small_config(algorithm="fml", alpha_schedule="0:0.5,1:0.2", lr_schedule="0:1,1:0.5")
+  config = small_config(algorithm="fml", fml__alpha_schedule="0:0.5,1:0.2", fml__lr_schedule="0:1,1:0.5")
   data = load_federated_data(config)
-  engine = Engine(build_algorithm(config, data.num_classes, data.input_shape), data,
+  runner = Runner(build_algorithm(config, data.num_classes, data.input_shape), data,
                   config.clients_per_round, strategy="vmap")
-  state, first = engine.run_round(engine.init(0))
-  _, second = engine.run_round(state)
+  state, first = runner.run_round(runner.init(0))
+  _, second = runner.run_round(state)
   assert float(first.metrics["alpha"]) == pytest.approx(0.5)
   assert float(second.metrics["alpha"]) == pytest.approx(0.2)
   assert float(second.metrics["lr_scale"]) == pytest.approx(0.5)
@@ -130,18 +130,18 @@ def test_round_robin_groups_and_catfish():
   algorithm = build_algorithm(config, 10, (60,))
   names = [algorithm.groups[g].model_name for g in algorithm.group_of]
   assert names == ["mlp", "logreg", "mlp", "mlp_small", "logreg", "mlp_small"]
-  engine = Engine(algorithm, load_federated_data(config), 4)
-  assert engine.group_sizes == [2, 2, 2] and sum(engine.cohort_sizes) == 4
+  runner = Runner(algorithm, load_federated_data(config), 4)
+  assert runner.group_sizes == [2, 2, 2] and sum(runner.cohort_sizes) == 4
 
 
 def test_each_group_has_its_own_architecture_and_task_outputs():
   config = small_config(algorithm="fml", local_models="mlp,mlp_small", client_tasks="full,parity",
                         clients_per_round=6, num_clients=6)
   data = load_federated_data(config)
-  engine = Engine(build_algorithm(config, data.num_classes, data.input_shape), data, 6)
-  state = engine.init(0)
+  runner = Runner(build_algorithm(config, data.num_classes, data.input_shape), data, 6)
+  state = runner.init(0)
   # Round-robin pairs: (mlp, full), (mlp_small, parity), ... two groups of three.
-  assert engine.group_sizes == [3, 3]
+  assert runner.group_sizes == [3, 3]
   out = [p.params[max(p.params)]["kernel"].shape for p in state.population]
   assert out == [(3, 200, 10), (3, 100, 2)]
 
@@ -190,8 +190,8 @@ def test_stratified_subset_keeps_class_proportions():
 
 def fedmd_config(**overrides):
   base = dict(algorithm="fedmd", local_models="mlp,mlp_small", public_size=60,
-              fedmd_alignment_size=30, fedmd_public_epochs=2, fedmd_private_epochs=1,
-              fedmd_digest_batch_size=16, clients_per_round=6, optimizer="adam",
+              fedmd__alignment_size=30, fedmd__public_epochs=2, fedmd__private_epochs=1,
+              fedmd__digest_batch_size=16, clients_per_round=6, optimizer="adam",
               learning_rate=1e-3, weight_decay=0.0, momentum=0.0)
   return small_config(**{**base, **overrides})
 
@@ -199,12 +199,12 @@ def fedmd_config(**overrides):
 def start_fedmd_round(config):
   """After transfer learning, the first round's cohorts and prepared server state."""
   data = load_federated_data(config)
-  engine = Engine(build_algorithm(config, data.num_classes, data.input_shape), data,
+  runner = Runner(build_algorithm(config, data.num_classes, data.input_shape), data,
                   config.clients_per_round, strategy="vmap")
-  state = engine.warm_start(engine.init(0))
-  cohorts, context = engine.begin_round(state, data)
-  server = engine.algorithm.prepare_round(state.server, context, data)
-  return engine.algorithm, data, cohorts, context, server
+  state = runner.warm_start(runner.init(0))
+  cohorts, context = runner.begin_round(state)
+  server = runner.algorithm.prepare_round(state.server, context, data)
+  return runner.algorithm, data, cohorts, context, server
 
 
 def test_fedmd_consensus_is_the_mean_of_every_partys_logits():
@@ -226,7 +226,7 @@ def test_fedmd_consensus_is_the_mean_of_every_partys_logits():
 
 def test_fedmd_digest_moves_parties_toward_the_consensus():
   algorithm, data, cohorts, _, server = start_fedmd_round(
-      fedmd_config(local_epochs=1, fedmd_digest_epochs=3, learning_rate=3e-3))
+      fedmd_config(local_epochs=1, fedmd__digest_epochs=3, learning_rate=3e-3))
   cohort = jax.tree.map(lambda a: a[0], cohorts[0])
   before = algorithm.client_message(server, cohort.client_state, cohort.clients, data, 0)
   server = {**server, "consensus": jnp.zeros_like(before)}   # a target far from every party
@@ -273,15 +273,16 @@ def test_fedh2l_distillation_pulls_toward_the_peers():
   """With only the distillation term, a participant's seed-set posteriors move toward the
   mean of its peers' posteriors."""
   config = small_config(algorithm="fedh2l", local_models="mlp,mlp_small", public_size=40,
-                        h2l_distill_weight=50.0, clients_per_round=6, local_epochs=3)
+                        fedh2l__distill_weight=50.0, clients_per_round=6, local_epochs=3)
   data = load_federated_data(config)
-  engine = Engine(build_algorithm(config, data.num_classes, data.input_shape), data, 6,
+  runner = Runner(build_algorithm(config, data.num_classes, data.input_shape), data, 6,
                   strategy="vmap")
-  algorithm = engine.algorithm
-  state = engine.init(0)
-  cohorts, context = engine.begin_round(state, data)
+  algorithm = runner.algorithm
+  state = runner.init(0)
+  cohorts, context = runner.begin_round(state)
   server = algorithm.prepare_round(state.server, context, data)
-  messages = jnp.concatenate([engine._map_group(algorithm.client_message, server, c, data, g)
+  messages = jnp.concatenate([runner.executor.map_group(
+      algorithm.client_message, server, c.client_state, c.clients, data, g)
                               for g, c in enumerate(cohorts)])
   server = algorithm.exchange(server, messages, context)
   one = jax.tree.map(lambda a: a[0], cohorts[0])
@@ -329,31 +330,31 @@ def test_client_max_examples_caps_every_client():
 def test_bytes_per_round_count_parameters(algorithm, expected):
   config = small_config(algorithm=algorithm)
   data = load_federated_data(config)
-  engine = Engine(build_algorithm(config, data.num_classes, data.input_shape), data, 4)
+  runner = Runner(build_algorithm(config, data.num_classes, data.input_shape), data, 4)
   params = (60 * 200 + 200 + 200 * 200 + 200 + 200 * 10 + 10) * 4
-  got = engine.communication(engine.abstract_state(0))
+  got = runner.communication(runner.abstract_state(0))
   assert (got["bytes_up"], got["bytes_down"]) == expected(4, params)
 
 
 def test_distillation_methods_count_logits_not_parameters():
-  h2l = small_config(algorithm="fedh2l", public_size=40, h2l_topology="ring")
+  h2l = small_config(algorithm="fedh2l", public_size=40, fedh2l__topology="ring")
   data = load_federated_data(h2l)
-  engine = Engine(build_algorithm(h2l, data.num_classes, data.input_shape), data, 4)
+  runner = Runner(build_algorithm(h2l, data.num_classes, data.input_shape), data, 4)
   # Four participants each send 40x10 float32 posteriors to two peers.
-  assert engine.communication(engine.abstract_state(0)) == {"bytes_up": 4 * 2 * 1600,
+  assert runner.communication(runner.abstract_state(0)) == {"bytes_up": 4 * 2 * 1600,
                                                             "bytes_down": 4 * 2 * 1600}
   md = fedmd_config(clients_per_round=4)
   data = load_federated_data(md)
-  engine = Engine(build_algorithm(md, data.num_classes, data.input_shape), data, 4)
+  runner = Runner(build_algorithm(md, data.num_classes, data.input_shape), data, 4)
   # Up: 30x10 logits per party; down: the consensus and 30 alignment indices per party.
-  assert engine.communication(engine.abstract_state(0)) == {"bytes_up": 4 * 1200,
+  assert runner.communication(runner.abstract_state(0)) == {"bytes_up": 4 * 1200,
                                                             "bytes_down": 4 * (1200 + 120)}
 
 
 def test_fedmd_run_writes_round_zero_once_and_resumes(tmp_path):
   import json
   from fml_jax import train
-  config = fedmd_config(num_rounds=2, checkpoint_every=1, fedmd_report_bounds=False)
+  config = fedmd_config(num_rounds=2, checkpoint_every=1, fedmd__report_bounds=False)
   train.run(config, str(tmp_path))
   config.num_rounds = 3
   summary = train.run(config, str(tmp_path))   # resumes after round 2

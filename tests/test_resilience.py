@@ -136,10 +136,10 @@ def test_divergence_guard_names_round_algorithm_and_clients(tmp_path):
 
 
 def test_nonfinite_state_detected_inside_the_round():
-  from test_engine import make_engine  # pylint: disable=g-import-not-at-top
+  from test_rounds import make_runner  # pylint: disable=g-import-not-at-top
   config = small_config(algorithm="fml", learning_rate=1e30)
-  engine = make_engine(config, "vmap")
-  state, report = engine.run_round(engine.init(0))
+  runner = make_runner(config, "vmap")
+  state, report = runner.run_round(runner.init(0))
   assert not bool(report.all_finite)
   assert not np.asarray(report.client_finite).all()
 
@@ -147,7 +147,7 @@ def test_nonfinite_state_detected_inside_the_round():
 def test_workdir_with_other_config_lists_the_differences(tmp_path):
   train.run(small_config(num_rounds=1), str(tmp_path))
   with pytest.raises(UserError) as e:
-    train.run(small_config(num_rounds=1, alpha=0.3, batch_size=8), str(tmp_path))
+    train.run(small_config(num_rounds=1, fml__alpha=0.3, batch_size=8), str(tmp_path))
   assert "alpha: 0.5 -> 0.3" in str(e.value) and "batch_size: 16 -> 8" in str(e.value)
   # The resumable fields may change: raising num_rounds extends the run.
   summary = train.run(small_config(num_rounds=3), str(tmp_path))

@@ -11,7 +11,7 @@ import pytest
 from fml_jax.errors import ConfigError
 
 from conftest import REPO, small_config
-from test_engine import assert_trees_close, run_rounds
+from test_rounds import assert_trees_close, run_rounds
 
 SHARDED_RUN = r"""
 import json, sys
@@ -20,7 +20,7 @@ import jax, numpy as np
 from conftest import small_config
 from fml_jax.algorithms import build_algorithm
 from fml_jax.data import load_federated_data
-from fml_jax.engine import Engine, client_mesh
+from fml_jax.rounds import Runner, client_mesh
 
 assert len(jax.devices()) == 4, jax.devices()
 out = {}
@@ -39,14 +39,14 @@ for algorithm in ["fml", "fedavg", "local", "fedmr", "fml_groups", "fedh2l_group
     num_clients = 12 if algorithm.endswith("_host") else 8
     c = small_config(algorithm=algorithm.split("_")[0], num_clients=num_clients, **extra)
     data = load_federated_data(c)
-    engine = Engine(build_algorithm(c, data.num_classes, data.input_shape), data,
+    runner = Runner(build_algorithm(c, data.num_classes, data.input_shape), data,
                     c.clients_per_round, strategy="vmap", mesh=client_mesh(devices),
                     placement="host" if algorithm.endswith("_host") and devices > 1
                     else "device")
-    state = engine.init(c.seed)
-    engine.compile(engine.abstract_state(c.seed))
+    state = runner.init(c.seed)
+    runner.compile(runner.abstract_state(c.seed))
     for _ in range(2):
-      state, report = engine.run_round(state)
+      state, report = runner.run_round(state)
     leaves = jax.tree.leaves(state.population)
     sharded = ([str(getattr(leaves[0].sharding, "spec", leaves[0].sharding))] if leaves
                else [])
@@ -85,7 +85,7 @@ def test_chunked_equals_vmap(algorithm):
 
 
 def test_chunked_equals_vmap_with_groups_and_messages():
-  from test_engine import GROUPED, run_grouped_rounds  # pylint: disable=g-import-not-at-top
+  from test_rounds import GROUPED, run_grouped_rounds  # pylint: disable=g-import-not-at-top
   config = small_config(**GROUPED["fedh2l"], chunk_size=2)
   _, vmap_state, vmap_metrics = run_grouped_rounds(config, "vmap", 2)
   _, chunked_state, chunked_metrics = run_grouped_rounds(config, "chunked", 2)
@@ -97,15 +97,15 @@ def test_mesh_must_divide_every_groups_share():
   import types  # pylint: disable=g-import-not-at-top
   from fml_jax.algorithms import build_algorithm  # pylint: disable=g-import-not-at-top
   from fml_jax.data import load_federated_data  # pylint: disable=g-import-not-at-top
-  from fml_jax.engine import Engine  # pylint: disable=g-import-not-at-top
+  from fml_jax.rounds import Runner  # pylint: disable=g-import-not-at-top
   c = small_config(local_models="mlp,mlp_small", clients_per_round=6)   # groups of 3
   data = load_federated_data(c)
   two_devices = types.SimpleNamespace(size=2)   # the check needs only the mesh's size
   with pytest.raises(ConfigError, match=r"per architecture group\) must be a multiple of 2"):
-    Engine(build_algorithm(c, data.num_classes, data.input_shape), data, 6, mesh=two_devices)
+    Runner(build_algorithm(c, data.num_classes, data.input_shape), data, 6, mesh=two_devices)
 
 
 def test_mesh_must_divide_the_client_axis():
-  from fml_jax.engine import client_mesh  # pylint: disable=g-import-not-at-top
+  from fml_jax.rounds import client_mesh  # pylint: disable=g-import-not-at-top
   with pytest.raises(ConfigError, match="mesh_shape"):
     client_mesh(64)   # more devices than this machine has

@@ -21,11 +21,34 @@ import jax.numpy as jnp
 import numpy as np
 
 from fml_jax import tasks
-from fml_jax.algorithms.base import (Algorithm, PersonalizedModels, assign_to_clients, groups_of,
-                                     split_list)
+from typing import Sequence
+
 from fml_jax.errors import ConfigError
 from fml_jax.models import build_model, init_variables
 from fml_jax.optimizers import TrainState, make_optimizer
+from fml_jax.rounds.algorithm import Algorithm
+from fml_jax.rounds.types import PersonalizedModels
+
+
+def split_list(value: str) -> list[str]:
+  """'a, b,c' -> ['a', 'b', 'c']; '' -> []."""
+  return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+def assign_to_clients(names: Sequence, num_clients: int, field: str) -> list:
+  """Round-robin assignment of `names` to clients (client i gets names[i % len]); a
+  list of exactly num_clients entries is an explicit per-client assignment."""
+  names = list(names)
+  if not names:
+    raise ConfigError(field, "is empty")
+  return [names[i % len(names)] for i in range(num_clients)]
+
+
+def groups_of(keys: Sequence) -> tuple[np.ndarray, list]:
+  """Clients with equal keys form a group; groups are numbered by first appearance.
+  Returns ((num_clients,) group ids, the key of each group)."""
+  distinct = list(dict.fromkeys(keys))
+  return np.array([distinct.index(k) for k in keys], np.int32), distinct
 
 
 @dataclasses.dataclass(frozen=True)

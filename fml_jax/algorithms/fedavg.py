@@ -1,32 +1,40 @@
 """FedAvg (McMahan et al. 2017) and FedProx (Li et al. 2020).
 
-FedProx is FedAvg with (mu / 2) * ||w - w_global||^2 added to every client's loss;
-with mu = 0 the two are the same computation (the term is left out statically).
-Clients keep no state between rounds: each round starts from the global model
-with a fresh optimizer.
+FedProx is FedAvg with (mu / 2) * ||w - w_global||^2 added to every client's loss
+(`--config.fedprox.mu`); with mu = 0 the two are the same computation (the term is
+left out statically). Clients keep no state between rounds: each round starts from
+the global model with a fresh optimizer. The server step is the `server` section's
+optimizer on the averaged uploads (fml_jax/algorithms/aggregation.py): FedAvg's plain
+average by default, FedAvgM / FedAdam / FedYogi / FedAdagrad by setting.
 """
 
 from __future__ import annotations
 
-from fml_jax import losses
-from fml_jax.algorithms.base import (Algorithm, ClientResult, PersonalizedModels,
-                                     mean_over_clients, supervised_step)
+from fml_jax import losses, settings
+from fml_jax.algorithms.aggregation import ServerOptimizer
+from fml_jax.algorithms.steps import supervised_step
 from fml_jax.models import build_model, init_params
 from fml_jax.optimizers import TrainState, make_optimizer
+from fml_jax.rounds.algorithm import Algorithm
+from fml_jax.rounds.types import ClientResult, PersonalizedModels
 
 
 class FedAvg(Algorithm):
   name = "fedavg"
   default_aggregation = "weighted"   # McMahan et al. weight by client example count
+  averages_models = True
+  uses_server_optimizer = True
 
   def __init__(self, config, num_classes, input_shape):
     super().__init__(config, num_classes, input_shape)
     self.model = build_model(config.model, num_classes, input_shape, "model")
     self.optimizer = make_optimizer(config)
+    self.server_optimizer = ServerOptimizer(config.server)
     self.prox_mu = 0.0
 
   def init(self, key, group_sizes):
-    return {"params": init_params(self.model, key, self.input_shape)}, ((),)
+    params = init_params(self.model, key, self.input_shape)
+    return {"params": params, **self.server_optimizer.init(params)}, ((),)
 
   def client_update(self, server_state, client_state, client, data, group):
     global_params = server_state["params"]
@@ -39,7 +47,12 @@ class FedAvg(Algorithm):
     return ClientResult(client_state=client_state, upload=state.params, metrics=metrics)
 
   def server_update(self, server_state, uploads, context):
-    return {"params": mean_over_clients(uploads, context.weights)}
+    params, opt_state, metrics = self.server_optimizer.step(server_state["params"], server_state,
+                                                            uploads, context.weights)
+    return {"params": params, **opt_state}, metrics
+
+  def broadcast(self, server_state):
+    return {"params": server_state["params"]}   # not the server optimizer's moments
 
   def global_model(self, server_state):
     return self.model, server_state["params"]
@@ -51,7 +64,16 @@ class FedAvg(Algorithm):
 
 class FedProx(FedAvg):
   name = "fedprox"
+  config_section = "fedprox"
+
+  @classmethod
+  def defaults(cls):
+    return {"mu": 0.01}   # the proximal weight
+
+  @classmethod
+  def check_config(cls, config):
+    settings.number(config, "fedprox.mu", 0)
 
   def __init__(self, config, num_classes, input_shape):
     super().__init__(config, num_classes, input_shape)
-    self.prox_mu = float(config.prox_mu)
+    self.prox_mu = float(self.settings.mu)

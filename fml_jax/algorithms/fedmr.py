@@ -3,20 +3,21 @@
 The server keeps K model slots (K = clients_per_round), all from one
 initialization. Each round the i-th sampled client trains slot i (plain CE), then
 the server either resets every slot to their mean (the first
-`fedmr_first_stage_rounds` rounds: FedAvg) or **recombines** them: for every
+`fedmr.first_stage_rounds` rounds: FedAvg, through the
+`server` section's optimizer) or **recombines** them: for every
 parameter group an independent random permutation `perm` of the K slots, and slot
 i receives that group from slot perm[i]. On stacked pytrees this is one gather
 along the slot axis per leaf. The model evaluated globally is the unweighted mean
 of the slots (recombination preserves it).
 
-`fedmr_granularity` sets what a group is:
+Settings: the `fedmr` config section. `fedmr.granularity` sets what a group is:
   tensor  every parameter leaf on its own (the official code: a kernel and its bias
           may come from different slots);
   layer   all leaves of one module together (kernel with its bias);
-  block   consecutive layers, `fedmr_block_fraction` of the layers per block, in the
+  block   consecutive layers, `fedmr.block_fraction` of the layers per block, in the
           order of the flattened parameter tree (for our models: input to output).
 
-`fedmr_optimizer_state`: `reset` (default, as the official code, which builds a new
+`fedmr.optimizer_state`: `reset` (default, as the official code, which builds a new
 optimizer every round), `keep` (each slot keeps its optimizer state, which stays
 with the slot), or `recombine` (the parameter-shaped parts of the optimizer state
 move with their parameters).
@@ -30,10 +31,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fml_jax.algorithms.base import (Algorithm, ClientResult, PersonalizedModels,
-                                     mean_over_clients, supervised_step)
+from fml_jax import settings
+from fml_jax.algorithms.aggregation import ServerOptimizer
+from fml_jax.algorithms.steps import supervised_step
 from fml_jax.models import build_model, init_params
 from fml_jax.optimizers import TrainState, make_optimizer
+from fml_jax.rounds.algorithm import Algorithm
+from fml_jax.rounds.types import ClientResult, PersonalizedModels
 
 GRANULARITIES = ("tensor", "layer", "block")
 OPTIMIZER_STATE_MODES = ("reset", "keep", "recombine")
@@ -68,21 +72,42 @@ def recombine(slots, perms):
 
 class FedMR(Algorithm):
   name = "fedmr"
+  config_section = "fedmr"
   default_aggregation = "uniform"
+  averages_models = True
+  uses_server_optimizer = True   # in the first stage
+
+  @classmethod
+  def defaults(cls):
+    return {
+        "first_stage_rounds": 0,     # rounds of plain averaging before recombination
+        "granularity": "tensor",     # tensor | layer (kernel with bias) | block
+        "block_fraction": 0.25,      # block granularity: share of the layers per block
+        "optimizer_state": "reset",  # reset | keep | recombine (moves with its layers)
+    }
+
+  @classmethod
+  def check_config(cls, config):
+    settings.choice(config, "fedmr.granularity", GRANULARITIES)
+    settings.choice(config, "fedmr.optimizer_state", OPTIMIZER_STATE_MODES)
+    settings.number(config, "fedmr.first_stage_rounds", 0, integer=True)
+    settings.number(config, "fedmr.block_fraction", 0, 1, low_open=True)
 
   def __init__(self, config, num_classes, input_shape):
     super().__init__(config, num_classes, input_shape)
     self.model = build_model(config.model, num_classes, input_shape, "model")
     self.optimizer = make_optimizer(config)
+    self.server_optimizer = ServerOptimizer(config.server)
     self.num_slots = config.clients_per_round
-    self.keeps_optimizer_state = config.fedmr_optimizer_state != "reset"
+    self.keeps_optimizer_state = self.settings.optimizer_state != "reset"
 
   def init(self, key, group_sizes):
     params = init_params(self.model, key, self.input_shape)
     stack = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (self.num_slots, *x.shape)),
                                       tree)
     server = {"slots": stack(params),
-              "last_client": jnp.full((self.num_slots,), -1, jnp.int32)}
+              "last_client": jnp.full((self.num_slots,), -1, jnp.int32),
+              **self.server_optimizer.init(params)}
     if self.keeps_optimizer_state:
       server["opt_state"] = stack(self.optimizer.init(params))
     return server, ((),)
@@ -103,25 +128,32 @@ class FedMR(Algorithm):
 
   def server_update(self, server_state, uploads, context):
     # uploads are stacked in cohort-position order: entry i is the trained slot i.
-    c = self.config
+    c = self.settings
     trained = uploads["params"]
-    mean = mean_over_clients(trained, context.weights)
+    # In the first stage every slot holds the global model (all slots start equal, and
+    # each first-stage round sets them all to one model), so it is the slots' mean.
+    previous = jax.tree.map(lambda s: jnp.mean(s, axis=0), server_state["slots"])
+    averaged, averaged_opt, metrics = self.server_optimizer.step(previous, server_state,
+                                                                 trained, context.weights)
     perms = recombination_permutations(trained, context.key, self.num_slots,
-                                       c.fedmr_granularity, c.fedmr_block_fraction)
-    first_stage = context.round < c.fedmr_first_stage_rounds
+                                       c.granularity, c.block_fraction)
+    first_stage = context.round < c.first_stage_rounds
     slots = jax.lax.cond(
         first_stage,
-        lambda: jax.tree.map(lambda m, t: jnp.broadcast_to(m, t.shape), mean, trained),
+        lambda: jax.tree.map(lambda m, t: jnp.broadcast_to(m, t.shape), averaged, trained),
         lambda: recombine(trained, perms))
     server = {"slots": slots, "last_client": context.clients.id}
+    if averaged_opt:   # the server optimizer moves only in the first stage
+      server.update(jax.lax.cond(first_stage, lambda: averaged_opt,
+                                 lambda: {"server_opt_state": server_state["server_opt_state"]}))
     if self.keeps_optimizer_state:
       opt_state = uploads["opt_state"]
-      if c.fedmr_optimizer_state == "recombine":
+      if c.optimizer_state == "recombine":
         moved = optax.tree_utils.tree_map_params(self.optimizer, lambda s, p: s[p], opt_state,
                                                  perms)
         opt_state = jax.lax.cond(first_stage, lambda: opt_state, lambda: moved)
       server["opt_state"] = opt_state
-    return server
+    return server, metrics
 
   def global_model(self, server_state):
     return self.model, jax.tree.map(lambda s: jnp.mean(s, axis=0), server_state["slots"])

@@ -13,6 +13,9 @@ step by deep mutual learning; the server averages the memes.
   two in the client's task space (fml_jax/tasks.py).
 - Dynamic balance: alpha, beta and the learning rate follow schedules over rounds
   (fml_jax/schedules.py), reported in the metrics.
+
+Settings: the `fml` config section (`--config.fml.alpha=0.3`); the memes' average
+goes through the `server` section's optimizer (fml_jax/algorithms/aggregation.py).
 """
 
 from __future__ import annotations
@@ -20,61 +23,91 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fml_jax import losses, schedules
-from fml_jax.algorithms.base import ClientResult, mean_over_clients
+from fml_jax import losses, schedules, settings
+from fml_jax.algorithms.aggregation import ServerOptimizer
 from fml_jax.algorithms.client_models import ClientModelsAlgorithm
+from fml_jax.algorithms.steps import loss_step
 from fml_jax.models import build_model, forward, init_params
 from fml_jax.optimizers import TrainState
+from fml_jax.rounds.types import ClientResult
+
+# The `fml` config section.
+DEFAULTS = {
+    "alpha": 0.5,              # weight of CE in the local model's loss (KL: 1 - alpha)
+    "beta": 0.5,               # weight of CE in the meme's loss (KL: 1 - beta)
+    "temperature": 1.0,        # softmax temperature of the KL terms
+    # Dynamic balance: "" constant | official (step schedule) | "0:0.1,10:0.5" piecewise.
+    "alpha_schedule": "",
+    "beta_schedule": "",
+    "lr_schedule": "",         # a learning-rate factor, same forms
+    "schedule_step_rounds": 10,  # official schedule: a step every N rounds ...
+    "schedule_stop_round": 30,   # ... while the round is below this
+}
 
 
-def balance_schedules(config) -> dict:
-  """The alpha, beta and learning-rate-factor tables of a config."""
-  base = {"alpha": config.alpha, "beta": config.beta, "lr": 1.0}
-  return {kind: schedules.to_table(config[f"{kind}_schedule"], kind, base[kind],
-                                   config.schedule_step_rounds, config.schedule_stop_round)
+def balance_schedules(section) -> dict:
+  """The alpha, beta and learning-rate-factor tables of the `fml` section."""
+  base = {"alpha": section.alpha, "beta": section.beta, "lr": 1.0}
+  return {kind: schedules.to_table(section[f"{kind}_schedule"], kind, base[kind],
+                                   section.schedule_step_rounds, section.schedule_stop_round,
+                                   field=f"fml.{kind}_schedule")
           for kind in schedules.KINDS}
 
 
 class FML(ClientModelsAlgorithm):
   name = "fml"
+  config_section = "fml"
   default_aggregation = "uniform"   # the official code averages memes uniformly
+  averages_models = True
+  uses_server_optimizer = True
+  supports_client_tasks = True
+  supports_catfish = True
+
+  @classmethod
+  def defaults(cls):
+    return dict(DEFAULTS)
+
+  @classmethod
+  def check_config(cls, config):
+    settings.number(config, "fml.alpha", 0, 1)
+    settings.number(config, "fml.beta", 0, 1)
+    settings.number(config, "fml.temperature", 0, low_open=True)
+    settings.number(config, "fml.schedule_step_rounds", 1, integer=True)
+    settings.number(config, "fml.schedule_stop_round", 0, integer=True)
+    balance_schedules(config.fml)
 
   def __init__(self, config, num_classes, input_shape):
     super().__init__(config, num_classes, input_shape)
     self.meme_model = build_model(config.model, num_classes, input_shape, "model")
-    self.schedules = balance_schedules(config)
+    self.schedules = balance_schedules(self.settings)
+    self.server_optimizer = ServerOptimizer(config.server)
 
   def init(self, key, group_sizes):
     meme_key, local_key = jax.random.split(key)
-    server = {"params": init_params(self.meme_model, meme_key, self.input_shape)}
-    return server, self.init_clients(local_key)
+    params = init_params(self.meme_model, meme_key, self.input_shape)
+    return {"params": params, **self.server_optimizer.init(params)}, self.init_clients(local_key)
 
   def make_step(self, group: int, alpha, beta, lr_scale):
     local_model, task = self.groups[group].model, self.groups[group].task
     label_map = None if task.is_identity else jnp.asarray(task.label_map)
-    temperature = self.config.temperature
+    temperature = self.settings.temperature
 
     def step(carry, x, y, mask, key):
-      meme, local = carry
       meme_key, local_key = jax.random.split(key)
 
-      def joint_loss(meme_params, local_params):
-        meme_logits, meme_state = forward(self.meme_model, meme_params, meme.model_state, x,
+      def joint_loss(params, model_states):
+        meme_logits, meme_state = forward(self.meme_model, params[0], model_states[0], x,
                                           True, meme_key)
-        local_logits, local_state = forward(local_model, local_params, local.model_state, x,
+        local_logits, local_state = forward(local_model, params[1], model_states[1], x,
                                             True, local_key)
         loss_meme, loss_local = losses.fml_losses(
             meme_logits, local_logits, y, mask, alpha, beta, temperature, task=task,
             local_labels=None if label_map is None else label_map[y])
         # Targets are stop-gradient constants, so d(sum)/d(meme) is dL_meme/d(meme), etc.
-        return loss_meme + loss_local, (loss_meme, loss_local, meme_state, local_state)
+        return loss_meme + loss_local, ((meme_state, local_state), (loss_meme, loss_local))
 
-      grads, (loss_meme, loss_local, meme_state, local_state) = jax.grad(
-          joint_loss, argnums=(0, 1), has_aux=True)(meme.params, local.params)
-      meme = meme.apply_gradients(grads[0], self.optimizer, lr_scale).replace(
-          model_state=meme_state)
-      local = local.apply_gradients(grads[1], self.optimizer, lr_scale).replace(
-          model_state=local_state)
+      (meme, local), _, (loss_meme, loss_local) = loss_step(carry, joint_loss, self.optimizer,
+                                                            lr_scale)
       metrics = {"train_loss": (loss_meme + loss_local) / 2, "train_loss_meme": loss_meme,
                  "train_loss_local": loss_local}
       return (meme, local), metrics
@@ -91,7 +124,12 @@ class FML(ClientModelsAlgorithm):
     return ClientResult(client_state=local, upload=meme.params, metrics=metrics)
 
   def server_update(self, server_state, uploads, context):
-    return {"params": mean_over_clients(uploads, context.weights)}
+    params, opt_state, metrics = self.server_optimizer.step(server_state["params"], server_state,
+                                                            uploads, context.weights)
+    return {"params": params, **opt_state}, metrics
+
+  def broadcast(self, server_state):
+    return {"params": server_state["params"]}   # not the server optimizer's moments
 
   def global_model(self, server_state):
     return self.meme_model, server_state["params"]

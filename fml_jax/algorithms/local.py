@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from fml_jax.algorithms.base import ClientResult, supervised_step
 from fml_jax.algorithms.client_models import ClientModelsAlgorithm
+from fml_jax.algorithms.steps import supervised_step
+from fml_jax.rounds.types import ClientResult
 
 
 class LocalOnly(ClientModelsAlgorithm):
   name = "local"
+  supports_client_tasks = True
+  supports_catfish = True
 
   def client_update(self, server_state, client_state, client, data, group):
     task = self.groups[group].task

@@ -10,11 +10,15 @@ test accuracy (see README.md for measured numbers).
 
 import ml_collections
 
+from fml_jax import algorithms
+from fml_jax.algorithms import aggregation
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # What to run.
-  c.algorithm = "fml"             # fml | fedavg | fedprox | local | fedmr | fedmd | fedh2l
+  c.algorithm = "fml"             # fml | fedavg | fedprox | local | fedmr | fedmd | fedh2l,
+                                  # or your own class as my_module:MyAlgorithm
   c.seed = 0
   # Data.
   c.dataset = "synthetic"         # synthetic, or a tfds name (mnist, cifar10, ...)
@@ -50,21 +54,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.learning_rate = 0.01
   c.momentum = 0.9                # sgd only
   c.weight_decay = 5e-4
-  # Algorithm settings.
-  c.alpha = 0.5                   # FML: weight of CE in the local model's loss
-  c.beta = 0.5                    # FML: weight of CE in the meme's loss
-  c.temperature = 1.0             # FML: softmax temperature of the KL terms
-  # FML dynamic balance: "" constant | official (step schedule) | "0:0.1,10:0.5" piecewise
-  c.alpha_schedule = ""
-  c.beta_schedule = ""
-  c.lr_schedule = ""              # a learning-rate factor, same forms
-  c.schedule_step_rounds = 10     # official schedule: a step every N rounds ...
-  c.schedule_stop_round = 30      # ... while the round is below this
-  c.prox_mu = 0.01                # FedProx: proximal weight
-  c.fedmr_first_stage_rounds = 0  # FedMR: rounds of plain averaging before recombination
-  c.fedmr_granularity = "tensor"  # FedMR: tensor | layer (kernel with bias) | block
-  c.fedmr_block_fraction = 0.25   # FedMR, block granularity: share of the layers per block
-  c.fedmr_optimizer_state = "reset"  # FedMR: reset | keep | recombine (moves with its layers)
+  # The server step of algorithms that average models (fedavg, fedprox, fml's memes,
+  # fedmr's first stage): an optimizer on the averaged update (FedOpt). The default is
+  # the plain average. See fml_jax/algorithms/aggregation.py.
+  c.server = ml_collections.ConfigDict(aggregation.SERVER_DEFAULTS)
+  # Each algorithm's own section (--config.fml.alpha=0.3, --config.fedprox.mu=0.1, ...):
+  # fml, fedprox, fedmr, fedmd, fedh2l. Their fields, defaults and meaning are in each
+  # algorithm's module (fml_jax/algorithms/<name>.py, `defaults`).
+  for section, defaults in algorithms.section_defaults().items():
+    c[section] = ml_collections.ConfigDict(defaults)
   # Public data (FedMD's public set, FedH2L's seed set).
   c.public_dataset = ""           # "" = a held-out slice of the train split; or a tfds name
   c.public_size = 0               # held-out examples (0: none); with public_dataset: 0 = all
@@ -73,24 +71,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.private_classes = ""          # FedMD: private data restricted to these classes ("" all),
                                   # e.g. "0-4" or "1.3.5"; relabelled after the public classes
                                   # when public_dataset is another dataset
-  # FedMD.
-  c.fedmd_public_epochs = 5       # transfer learning on the public set ...
-  c.fedmd_private_epochs = 5      # ... then on each party's private data
-  c.fedmd_early_stopping = True   # keep each party's best public epoch (10% of public held out)
-  c.fedmd_alignment_size = 5000   # public examples drawn (stratified) each round
-  c.fedmd_digest_loss = "l1"      # l1 (official: mean absolute error on logits) | kl
-  c.fedmd_digest_temperature = 1.0  # kl only
-  c.fedmd_digest_epochs = 1
-  c.fedmd_digest_batch_size = 256
-  c.fedmd_report_bounds = True    # also train the pooled-private-data bound (bounds.json)
-  # FedH2L (decentralized mutual distillation on the seed set).
-  c.h2l_topology = "full"         # full | ring | random_k (peers redrawn each round)
-  c.h2l_peers = 2                 # random_k: peers per participant
-  c.h2l_distill_weight = 1.0      # weight of the KL toward the peers' posteriors
-  c.h2l_temperature = 1.0
-  c.h2l_seed_ce = False           # also cross-entropy on the seed set's labels
   # Execution and reporting.
-  c.strategy = "auto"             # auto | vmap | chunked | sequential
+  c.strategy = "auto"             # auto | vmap | chunked | sequential | debug (no jit)
   c.chunk_size = 16               # chunked: clients vmapped at once (lax.map over the chunks)
   c.mesh_shape = 1                # devices the client axis is sharded over (0: all devices)
   c.placement = "device"          # where every client's state lives: device | host (moved per

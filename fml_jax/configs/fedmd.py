@@ -46,15 +46,15 @@ def get_config():
   c.learning_rate = 1e-3
   c.momentum = 0.0
   c.weight_decay = 0.0
-  c.fedmd_public_epochs = 20      # official: up to 20, early stopping
-  c.fedmd_private_epochs = 25     # official: up to 25
-  c.fedmd_early_stopping = True
+  c.fedmd.public_epochs = 20      # official: up to 20, early stopping
+  c.fedmd.private_epochs = 25     # official: up to 25
+  c.fedmd.early_stopping = True
   c.batch_size = 32               # private training (official: 32; revisit 5-10)
   c.local_epochs = 4              # revisit epochs per round (official: 2-10)
-  c.fedmd_alignment_size = 5000
-  c.fedmd_digest_loss = "l1"
-  c.fedmd_digest_epochs = 1
-  c.fedmd_digest_batch_size = 256
+  c.fedmd.alignment_size = 5000
+  c.fedmd.digest_loss = "l1"
+  c.fedmd.digest_epochs = 1
+  c.fedmd.digest_batch_size = 256
   c.num_rounds = 15               # official: 13-20
   c.eval_every = 1
   return c

@@ -31,8 +31,8 @@ def get_config():
   c.learning_rate = 0.01
   c.momentum = 0.5
   c.weight_decay = 0.0
-  c.fedmr_first_stage_rounds = 0
-  c.fedmr_granularity = "tensor"
-  c.fedmr_optimizer_state = "reset"
+  c.fedmr.first_stage_rounds = 0
+  c.fedmr.granularity = "tensor"
+  c.fedmr.optimizer_state = "reset"
   c.eval_every = 10
   return c

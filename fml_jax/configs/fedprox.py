@@ -10,5 +10,5 @@ from fml_jax.configs import fml
 def get_config():
   c = fml.get_config()
   c.algorithm = "fedprox"
-  c.prox_mu = 0.01
+  c.fedprox.mu = 0.01
   return c

@@ -12,8 +12,8 @@ meme is the global MLP. Compare with local-only training on the same split:
 Variations from the paper's experiments (one flag each):
   objective heterogeneity  --config.client_tasks=full,parity
   catfish                  --config.catfish_clients=0 --config.catfish_model=cnn
-  dynamic balance          --config.alpha_schedule=official --config.beta=0.1
-                           --config.beta_schedule=official --config.lr_schedule=official
+  dynamic balance          --config.fml.alpha_schedule=official --config.fml.beta=0.1
+                           --config.fml.beta_schedule=official --config.fml.lr_schedule=official
 """
 
 from fml_jax.configs import default

@@ -1,4 +1,4 @@
-"""The vectorized engine against its sequential reference, and the local-training
+"""The vectorized runner against its sequential reference, and the local-training
 machinery against a plain Python loop over real (unpadded) batches."""
 
 import chex
@@ -10,8 +10,8 @@ import pytest
 from fml_jax import local_training
 from fml_jax.algorithms import build_algorithm
 from fml_jax.data import from_client_lists, load_federated_data
-from fml_jax import engine as engine_module
-from fml_jax.engine import Engine
+from fml_jax.rounds import executors
+from fml_jax.rounds import Runner
 from fml_jax.optimizers import TrainState, make_optimizer
 
 from conftest import small_config
@@ -19,27 +19,27 @@ from conftest import small_config
 ALGORITHMS = ["fml", "fedavg", "fedprox", "local", "fedmr"]
 
 
-_ENGINES = {}
+_RUNNERS = {}
 
 
-def make_engine(config, strategy, placement="device"):
+def make_runner(config, strategy, placement="device"):
   """Engines are cached per (config, strategy, placement): each one compiles its own
   functions, and compiling dominates these tests' time on a small CPU."""
   key = (str(config), strategy, placement)
-  if key not in _ENGINES:
+  if key not in _RUNNERS:
     data = load_federated_data(config)
     algorithm = build_algorithm(config, data.num_classes, data.input_shape)
-    _ENGINES[key] = Engine(algorithm, data, config.clients_per_round, config.aggregation,
+    _RUNNERS[key] = Runner(algorithm, data, config.clients_per_round, config.aggregation,
                            strategy, chunk_size=config.chunk_size, placement=placement)
-  return _ENGINES[key]
+  return _RUNNERS[key]
 
 
 def run_rounds(config, strategy, rounds):
-  engine = make_engine(config, strategy)
-  state = engine.init(config.seed)
+  runner = make_runner(config, strategy)
+  state = runner.init(config.seed)
   history = []
   for _ in range(rounds):
-    state, report = engine.run_round(state)
+    state, report = runner.run_round(state)
     assert bool(report.all_finite)
     history.append(jax.device_get(report.metrics))
   return jax.device_get(state), history
@@ -53,7 +53,7 @@ def assert_trees_close(a, b, rtol=1e-4, atol=1e-5):
 def test_vmap_equals_sequential(algorithm):
   # Synthetic clients have unequal sizes (here 54 to 96 training examples), so the
   # smaller clients run masked steps at the end of every epoch.
-  config = small_config(algorithm=algorithm, prox_mu=0.1)
+  config = small_config(algorithm=algorithm, fedprox__mu=0.1)
   data = load_federated_data(config)
   steps = -(-np.asarray(data.train_n) // config.batch_size)
   assert steps.max() > steps.min()
@@ -69,35 +69,35 @@ def test_vmap_equals_sequential(algorithm):
 GROUPED = {
     "fml": dict(algorithm="fml", local_models="mlp,mlp_small", client_tasks="full,parity,full",
                 catfish_clients="5", catfish_model="logreg", clients_per_round=5,
-                alpha_schedule="0:0.7,1:0.4"),
+                fml__alpha_schedule="0:0.7,1:0.4"),
     "local": dict(algorithm="local", local_models="mlp_small,logreg",
                   client_tasks="subset_0-6,full"),
     "fedmd": dict(algorithm="fedmd", local_models="mlp,mlp_small", public_size=60,
-                  fedmd_alignment_size=30, fedmd_public_epochs=2, fedmd_private_epochs=1,
-                  fedmd_digest_batch_size=16, local_epochs=1, optimizer="adam",
+                  fedmd__alignment_size=30, fedmd__public_epochs=2, fedmd__private_epochs=1,
+                  fedmd__digest_batch_size=16, local_epochs=1, optimizer="adam",
                   learning_rate=1e-3, weight_decay=0.0, momentum=0.0),
     "fedh2l": dict(algorithm="fedh2l", local_models="mlp,mlp_small,logreg", public_size=40,
-                   clients_per_round=6, h2l_topology="random_k", h2l_peers=2,
-                   h2l_seed_ce=True),
+                   clients_per_round=6, fedh2l__topology="random_k", fedh2l__peers=2,
+                   fedh2l__seed_ce=True),
 }
 
 
 def run_grouped_rounds(config, strategy, rounds, placement="device"):
-  engine = make_engine(config, strategy, placement)
-  state = engine.warm_start(engine.init(config.seed))
+  runner = make_runner(config, strategy, placement)
+  state = runner.warm_start(runner.init(config.seed))
   history = []
   for _ in range(rounds):
-    state, report = engine.run_round(state)
+    state, report = runner.run_round(state)
     assert bool(report.all_finite)
     history.append(jax.device_get(report.metrics))
-  return engine, jax.device_get(state), history
+  return runner, jax.device_get(state), history
 
 
 @pytest.mark.parametrize("name", list(GROUPED))
 def test_vmap_equals_sequential_with_architecture_groups(name):
   config = small_config(**GROUPED[name])
-  engine, seq_state, seq_metrics = run_grouped_rounds(config, "sequential", 2)
-  assert engine.num_groups >= 2
+  runner, seq_state, seq_metrics = run_grouped_rounds(config, "sequential", 2)
+  assert runner.num_groups >= 2
   _, vmap_state, vmap_metrics = run_grouped_rounds(config, "vmap", 2)
   assert_trees_close(seq_state.server, vmap_state.server)
   assert_trees_close(seq_state.population, vmap_state.population)
@@ -118,27 +118,27 @@ HOST_CASES = {
                                            ("fedmr", "sequential")])
 def test_host_store_equals_device_store(name, strategy):
   config = small_config(**HOST_CASES[name], chunk_size=3)
-  engine, host_state, host_metrics = run_grouped_rounds(config, strategy, 3, "host")
+  runner, host_state, host_metrics = run_grouped_rounds(config, strategy, 3, "host")
   _, device_state, device_metrics = run_grouped_rounds(config, strategy, 3, "device")
-  assert engine.placement == "host" and engine.clients_per_round < engine.data.num_clients
+  assert runner.placement == "host" and runner.clients_per_round < runner.data.num_clients
   assert_trees_close(host_state.server, device_state.server, rtol=1e-6, atol=1e-7)
   assert_trees_close(host_state.population, device_state.population, rtol=1e-6, atol=1e-7)
   assert_trees_close(host_metrics, device_metrics, rtol=1e-6, atol=1e-7)
   # The round's compiled program takes the cohort's rows, not the population.
-  shapes = engine.round_input(engine.abstract_state(0)).population
-  for group, k in zip(shapes, engine.cohort_sizes):
+  shapes = runner.store.round_input(runner.abstract_state(0)).population
+  for group, k in zip(shapes, runner.cohort_sizes):
     assert all(x.shape[0] == k for x in jax.tree.leaves(group))
 
 
 def test_host_store_lives_on_the_cpu_device_and_is_written_in_place():
   config = small_config(**HOST_CASES["fml"])
-  engine = make_engine(config, "vmap", "host")
-  state = engine.init(config.seed)
+  runner = make_runner(config, "vmap", "host")
+  state = runner.init(config.seed)
   cpu = jax.devices("cpu")[0]
   assert all(x.devices() == {cpu} for x in jax.tree.leaves(state.population))
   before = jax.device_get(state.population)
-  slots = [np.asarray(s) for s in engine.sample_slots(state.key, state.round)]
-  state, _ = engine.run_round(state)
+  slots = [np.asarray(s) for s in runner.groups.sample(state.key, state.round)]
+  state, _ = runner.run_round(state)
   after = jax.device_get(state.population)
   assert all(x.devices() == {cpu} for x in jax.tree.leaves(state.population))
   for g, group_slots in enumerate(slots):
@@ -150,17 +150,17 @@ def test_host_store_lives_on_the_cpu_device_and_is_written_in_place():
 
 def test_groups_sample_their_share_and_only_the_sampled_clients_change():
   config = small_config(algorithm="local", local_models="mlp_small,logreg", clients_per_round=4)
-  engine = make_engine(config, "vmap")
-  before = jax.device_get(engine.init(config.seed))
-  cohorts, context = engine.begin_round(engine.init(config.seed), engine.data)
+  runner = make_runner(config, "vmap")
+  before = jax.device_get(runner.init(config.seed))
+  cohorts, context = runner.begin_round(runner.init(config.seed))
   ids = [np.asarray(c.clients.id) for c in cohorts]
   # Round robin: even clients are mlp_small, odd ones logreg; two of each per round.
   assert [len(i) for i in ids] == [2, 2]
   assert np.all(ids[0] % 2 == 0) and np.all(ids[1] % 2 == 1)
   np.testing.assert_array_equal(np.asarray(context.clients.id), np.concatenate(ids))
-  after, _ = engine.run_round(engine.init(config.seed))
+  after, _ = runner.run_round(runner.init(config.seed))
   after = jax.device_get(after)
-  for g, members in enumerate(engine.members):
+  for g, members in enumerate(runner.members):
     kernel = lambda s: jax.tree.leaves(s.population[g].params)[-1]
     changed = [int(m) for row, m in enumerate(members)
                if not np.allclose(kernel(before)[row], kernel(after)[row])]
@@ -169,11 +169,11 @@ def test_groups_sample_their_share_and_only_the_sampled_clients_change():
 
 def test_rounds_change_exactly_the_sampled_clients():
   config = small_config(algorithm="fml", clients_per_round=2)
-  engine = make_engine(config, "vmap")
-  before = jax.device_get(engine.init(config.seed))
-  (group,), _ = engine.begin_round(engine.init(config.seed), engine.data)
+  runner = make_runner(config, "vmap")
+  before = jax.device_get(runner.init(config.seed))
+  (group,), _ = runner.begin_round(runner.init(config.seed))
   cohort = jax.device_get(group.clients.id)
-  after, _ = engine.run_round(engine.init(config.seed))
+  after, _ = runner.run_round(runner.init(config.seed))
   after = jax.device_get(after)
   assert len(set(cohort.tolist())) == 2
   changed = [c for c in range(config.num_clients)
@@ -184,9 +184,9 @@ def test_rounds_change_exactly_the_sampled_clients():
 
 def test_fedprox_with_mu_zero_equals_fedavg():
   fedavg, _ = run_rounds(small_config(algorithm="fedavg"), "vmap", 2)
-  fedprox, _ = run_rounds(small_config(algorithm="fedprox", prox_mu=0.0), "vmap", 2)
+  fedprox, _ = run_rounds(small_config(algorithm="fedprox", fedprox__mu=0.0), "vmap", 2)
   assert_trees_close(fedavg.server, fedprox.server, rtol=0, atol=0)
-  moved, _ = run_rounds(small_config(algorithm="fedprox", prox_mu=1.0), "vmap", 2)
+  moved, _ = run_rounds(small_config(algorithm="fedprox", fedprox__mu=1.0), "vmap", 2)
   diff = jax.tree.map(lambda a, b: np.abs(a - b).max(), fedavg.server, moved.server)
   assert max(jax.tree.leaves(diff)) > 1e-4
 
@@ -206,28 +206,28 @@ def test_fml_meme_is_forked_and_memes_are_averaged_uniformly():
   """With every client in the round, the new global model is the plain mean of the
   memes each client computes from the old global model."""
   config = small_config(algorithm="fml", clients_per_round=6)
-  engine = make_engine(config, "vmap")
-  state = engine.init(config.seed)
-  (cohort,), _ = engine.begin_round(state, engine.data)
-  results = [engine.algorithm.client_update(
+  runner = make_runner(config, "vmap")
+  state = runner.init(config.seed)
+  (cohort,), _ = runner.begin_round(state)
+  results = [runner.algorithm.client_update(
       state.server, jax.tree.map(lambda a: a[i], cohort.client_state),
-      jax.tree.map(lambda a: a[i], cohort.clients), engine.data, 0) for i in range(6)]
+      jax.tree.map(lambda a: a[i], cohort.clients), runner.data, 0) for i in range(6)]
   want = jax.tree.map(lambda *m: np.mean(np.stack(m), 0), *[r.upload for r in results])
-  new_state, _ = engine.run_round(state)
+  new_state, _ = runner.run_round(state)
   assert_trees_close(new_state.server["params"], want)
 
 
 def test_weighted_aggregation_weights_by_example_count():
   config = small_config(algorithm="fedavg", clients_per_round=6, aggregation="weighted")
-  engine = make_engine(config, "sequential")
-  state = engine.init(config.seed)
-  (cohort,), _ = engine.begin_round(state, engine.data)
-  uploads = [engine.algorithm.client_update(
-      state.server, (), jax.tree.map(lambda a: a[i], cohort.clients), engine.data, 0).upload
+  runner = make_runner(config, "sequential")
+  state = runner.init(config.seed)
+  (cohort,), _ = runner.begin_round(state)
+  uploads = [runner.algorithm.client_update(
+      state.server, (), jax.tree.map(lambda a: a[i], cohort.clients), runner.data, 0).upload
              for i in range(6)]
   w = np.asarray(cohort.clients.train_n) / np.asarray(cohort.clients.train_n).sum()
   want = jax.tree.map(lambda *u: np.tensordot(w, np.stack(u), 1), *uploads)
-  new_state, _ = engine.run_round(state)
+  new_state, _ = runner.run_round(state)
   assert_trees_close(new_state.server["params"], want)
 
 
@@ -349,14 +349,14 @@ def test_auto_strategy_on_cpu_is_vmap_only_for_few_steps_without_convolutions():
   for model, data, epochs, expected in cases:
     config = small_config(algorithm="fml", model=model, num_clients=2, clients_per_round=2,
                           local_epochs=epochs)
-    engine = Engine(build_algorithm(config, data.num_classes, data.input_shape), data, 2,
+    runner = Runner(build_algorithm(config, data.num_classes, data.input_shape), data, 2,
                     "uniform", "auto")
-    assert engine.strategy == expected, model
+    assert runner.strategy == expected, model
   # ... and more local steps per round than CPU_VMAP_MAX_STEPS.
   config = small_config(algorithm="fml", model="mlp", num_clients=2, clients_per_round=2,
                         local_epochs=3)
   data = tiny_data([60, 40])
-  engine = Engine(build_algorithm(config, data.num_classes, data.input_shape), data, 2,
+  runner = Runner(build_algorithm(config, data.num_classes, data.input_shape), data, 2,
                   "uniform", "auto")
-  assert engine.local_steps_per_round() == 3 * 4 > engine_module.CPU_VMAP_MAX_STEPS
-  assert engine.strategy == "sequential"
+  assert runner.local_steps_per_round() == 3 * 4 > executors.CPU_VMAP_MAX_STEPS
+  assert runner.strategy == "sequential"
