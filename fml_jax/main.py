@@ -29,7 +29,10 @@ def _bad_config_flag(error: Exception):
     names = re.findall(r"[A-Za-z_][\w.]*", text)
     name = names[0] if names else text
     hint = re.search(r'Did you mean "([\w.]+)"', text)
-    suggestion = f"did you mean {hint.group(1)!r}? " if hint else ""
+    from fml_jax.settings import RENAMED  # pylint: disable=g-import-not-at-top
+    renamed = RENAMED.get(name.split(".")[-1])
+    suggestion = (f"did you mean {renamed!r}? (settings of one algorithm now live in its "
+                  "section) " if renamed else f"did you mean {hint.group(1)!r}? " if hint else "")
     _fail(f"config has no field {name!r} (from a --config.{name}=... override); {suggestion}"
           "the fields are listed in fml_jax/configs/default.py")
   detail = " ".join(str(error).split())

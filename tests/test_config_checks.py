@@ -23,24 +23,46 @@ def with_values(**overrides):
   config or a config file could)."""
   values = default.get_config().to_dict()
   for k, v in overrides.items():
-    values[k] = v
+    *sections, field = k.split("__")
+    target = values
+    for section in sections:
+      target = target[section]
+    target[field] = v
   return ml_collections.ConfigDict(values)
 
 
 BAD = [
     # (overrides, expected field, text expected in the message)
-    (dict(fml__alpha=1.5), "alpha", "outside [0, 1]"),
-    (dict(fml__alpha=-0.01), "alpha", "outside [0, 1]"),
-    (dict(fml__beta=-0.1), "beta", "outside [0, 1]"),
+    (dict(fml__alpha=1.5), "fml.alpha", "outside [0, 1]"),
+    (dict(fml__alpha=-0.01), "fml.alpha", "outside [0, 1]"),
+    (dict(fml__beta=-0.1), "fml.beta", "outside [0, 1]"),
     (dict(num_clients=5, clients_per_round=6), "clients_per_round", "outside [1, 5]"),
     (dict(clients_per_round=0), "clients_per_round", "outside [1, 30]"),
-    (dict(algorithm="fedsgd"), "algorithm", "'fedsgd' is not one of fml, fedavg, fedprox, local"),
+    (dict(algorithm="fedsgd"), "algorithm", "unknown algorithm 'fedsgd'; choose one of fml, fedavg, fedprox, local"),
     (dict(model="resnet"), "model", "'resnet' is not one of"),
     (dict(local_models="mlp,vgg"), "local_models", "'vgg' is not one of"),
     (dict(dataset="mnist", partition="pathological"), "partition", "'pathological' is not one"),
     (dict(chunk_size=0), "chunk_size", "0 is outside [1, inf)"),
     (dict(mesh_shape=-1), "mesh_shape", "-1 is outside [0, inf)"),
-    (dict(strategy="pmap"), "strategy", "'pmap' is not one of auto, vmap, chunked, sequential"),
+    (dict(strategy="pmap"), "strategy", "'pmap' is not one of auto, vmap, chunked, sequential, debug"),
+    (dict(server__optimizer="lamb"), "server.optimizer", "'lamb' is not one of sgd, momentum, adam"),
+    (dict(server__learning_rate=0.0), "server.learning_rate", "outside (0, inf)"),
+    (dict(server__momentum=1.0), "server.momentum", "outside [0, 1)"),
+    (dict(server__eps=0.0), "server.eps", "outside (0, inf)"),
+    (dict(algorithm="local", server__optimizer="adam"), "server.optimizer",
+     "local averages no models"),
+    (dict(fedmr__granularity="row"), "fedmr.granularity", "'row' is not one of tensor"),
+    (dict(fedmd__digest_loss="mse"), "fedmd.digest_loss", "'mse' is not one of l1, kl"),
+    (dict(fedmd__alignment_size=0), "fedmd.alignment_size", "outside [1, inf)"),
+    (dict(fedh2l__topology="star"), "fedh2l.topology", "'star' is not one of full"),
+    (dict(algorithm="fedh2l", public_size=10, fedh2l__topology="random_k", fedh2l__peers=10),
+     "fedh2l.peers", "need more than clients_per_round=10"),
+    (dict(fml__alpha_schedule="0:0.5,5"), "fml.alpha_schedule", "cannot read '5'"),
+    (dict(algorithm="fedavg", client_tasks="parity"), "client_tasks", "supported by fml, local"),
+    (dict(algorithm="fedmd"), "public_size", "fedmd needs a public"),
+    (dict(algorithm="no_such_module_xyz:Algo"), "algorithm", "cannot import module"),
+    (dict(algorithm="fml_jax.algorithms.fml:NoSuchClass"), "algorithm", "has no 'NoSuchClass'"),
+    (dict(algorithm="fml_jax.algorithms.fml:DEFAULTS"), "algorithm", "is not a subclass"),
     (dict(optimizer="rmsprop"), "optimizer", "'rmsprop' is not one of sgd, adam"),
     (dict(aggregation="median"), "aggregation", "'median' is not one of auto, uniform, weighted"),
     (dict(learning_rate=0.0), "learning_rate", "outside (0, inf)"),
@@ -51,8 +73,8 @@ BAD = [
     (dict(momentum=1.0), "momentum", "outside [0, 1)"),
     (dict(momentum=-0.5), "momentum", "outside [0, 1)"),
     (dict(weight_decay=-1e-4), "weight_decay", "outside [0, inf)"),
-    (dict(fml__temperature=0.0), "temperature", "outside (0, inf)"),
-    (dict(fedprox__mu=-0.01), "prox_mu", "outside [0, inf)"),
+    (dict(fml__temperature=0.0), "fml.temperature", "outside (0, inf)"),
+    (dict(fedprox__mu=-0.01), "fedprox.mu", "outside [0, inf)"),
     (dict(batch_size=0), "batch_size", "outside [1, inf)"),
     (dict(batch_size=True), "batch_size", "is not an integer"),
     (dict(num_rounds=0), "num_rounds", "outside [1, inf)"),
@@ -84,7 +106,7 @@ BAD = [
 
 
 @pytest.mark.parametrize("overrides,field,needle", BAD,
-                         ids=[f"{f}={list(o.values())[-1]!r}" for o, f, _ in BAD])
+                         ids=[f"{f}={list(o.values())[-1]!r}-{i}" for i, (o, f, _) in enumerate(BAD)])
 def test_bad_setting_names_its_field(overrides, field, needle):
   config = with_values(**overrides)
   with pytest.raises(ConfigError) as e:
@@ -97,17 +119,19 @@ def test_bad_setting_names_its_field(overrides, field, needle):
 
 def test_missing_field_is_named():
   values = default.get_config().to_dict()
-  del values["temperature"]
+  del values["fml"]["temperature"]
   with pytest.raises(ConfigError) as e:
     config_checks.validate(ml_collections.ConfigDict(values))
-  assert e.value.field == "temperature"
-  assert str(e.value).startswith("config.temperature: is missing")
+  assert e.value.field == "fml.temperature"
+  assert str(e.value).startswith("config.fml.temperature: is missing")
   assert "default.py" in str(e.value)
 
 
-def test_required_fields_are_all_in_default():
-  config = default.get_config()
-  assert set(config_checks.REQUIRED_FIELDS) <= set(config.keys())
+def test_required_fields_come_from_default_with_every_algorithms_section():
+  fields = config_checks.required_fields()
+  assert {"algorithm", "fml.alpha", "fedprox.mu", "fedmr.granularity", "fedmd.digest_loss",
+          "fedh2l.topology", "server.optimizer", "server.learning_rate"} <= set(fields)
+  assert not {"alpha", "prox_mu", "fedmd_digest_loss"} & set(fields)   # the old flat names
 
 
 @pytest.mark.parametrize("overrides", [
@@ -143,7 +167,7 @@ def test_every_config_file_passes(name):
   module = importlib.import_module(f"fml_jax.configs.{name}")
   config = module.get_config()
   config_checks.validate(config)
-  assert set(config_checks.REQUIRED_FIELDS) <= set(config.keys())
+  assert set(config_checks.required_fields()) <= set(config_checks.field_paths(config))
 
 
 def test_config_files_differ_where_documented():

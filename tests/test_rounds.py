@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from fml_jax import local_training
-from fml_jax.algorithms import build_algorithm
+from fml_jax import config_checks
+from fml_jax.algorithms import ALGORITHMS, build_algorithm
+from fml_jax.checkpoints import Checkpointer
 from fml_jax.data import from_client_lists, load_federated_data
 from fml_jax.rounds import executors
 from fml_jax.rounds import Runner
@@ -16,7 +18,7 @@ from fml_jax.optimizers import TrainState, make_optimizer
 
 from conftest import small_config
 
-ALGORITHMS = ["fml", "fedavg", "fedprox", "local", "fedmr"]
+GROUPED_HOST = dict(algorithm="fml", local_models="mlp,mlp_small", clients_per_round=4)
 
 
 _RUNNERS = {}
@@ -49,37 +51,60 @@ def assert_trees_close(a, b, rtol=1e-4, atol=1e-5):
   chex.assert_trees_all_close(a, b, rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_vmap_equals_sequential(algorithm):
-  # Synthetic clients have unequal sizes (here 54 to 96 training examples), so the
-  # smaller clients run masked steps at the end of every epoch.
-  config = small_config(algorithm=algorithm, fedprox__mu=0.1)
-  data = load_federated_data(config)
-  steps = -(-np.asarray(data.train_n) // config.batch_size)
+# --- driven by the registry: every registered algorithm, with its own small config -----
+
+REGISTERED = sorted(name for name in ALGORITHMS if ":" not in name)
+
+
+def registry_config(name: str, **extra):
+  """The tiny synthetic config with the algorithm's own `small_overrides`."""
+  overrides = ALGORITHMS[name].small_overrides()
+  assert overrides is not None, f"{name} must define small_overrides() (rounds/algorithm.py)"
+  return small_config(algorithm=name, **{**overrides, **extra})
+
+
+def test_every_registered_algorithm_is_covered():
+  assert {"fml", "fedavg", "fedprox", "local", "fedmr", "fedmd", "fedh2l"} <= set(REGISTERED)
+  for name in REGISTERED:
+    config_checks.validate(registry_config(name))
+
+
+# Each executor and store, against the sequential executor on the device store. chunk
+# size 1: lax.map over vmapped chunks (padding is covered in tests/test_sharding.py).
+VARIANTS = [("vmap", "device"), ("chunked", "device"), ("sequential", "host"), ("vmap", "host")]
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_executors_and_stores_equal_the_sequential_reference_and_resume(name, tmp_path):
+  config = registry_config(name, chunk_size=1)
+  runner, reference, reference_metrics = run_grouped_rounds(config, "sequential", 2)
+  # Synthetic clients have unequal sizes, so smaller clients run masked steps.
+  steps = -(-np.asarray(runner.data.train_n) // config.batch_size)
   assert steps.max() > steps.min()
-  seq_state, seq_metrics = run_rounds(config, "sequential", 2)
-  vmap_state, vmap_metrics = run_rounds(config, "vmap", 2)
-  assert int(seq_state.round) == int(vmap_state.round) == 2
-  assert_trees_close(seq_state.server, vmap_state.server)
-  assert_trees_close(seq_state.population, vmap_state.population)
-  assert_trees_close(seq_metrics, vmap_metrics)
+  assert int(reference.round) == 2
+  for strategy, placement in VARIANTS:
+    other, state, metrics = run_grouped_rounds(config, strategy, 2, placement)
+    assert other.strategy == strategy and other.placement == placement
+    tolerance = dict(rtol=1e-6, atol=1e-7) if strategy == "sequential" else {}
+    assert_trees_close(state.server, reference.server, **tolerance)
+    assert_trees_close(state.population, reference.population, **tolerance)
+    assert_trees_close(metrics, reference_metrics, **tolerance)
+  # Resume: round 1, a checkpoint written and read back, round 2 == two rounds at once.
+  state = runner.warm_start(runner.init(config.seed))
+  state, _ = runner.run_round(state)
+  checkpointer = Checkpointer(tmp_path / "checkpoints", 1, 1)
+  checkpointer.save(1, state)
+  step, restored = checkpointer.restore_latest(runner.abstract_state(config.seed))
+  checkpointer.close()
+  assert step == 1
+  resumed, _ = runner.run_round(runner.place(restored))
+  assert_trees_close(jax.device_get(resumed), reference, rtol=0, atol=0)
 
 
-# Two or more architecture groups per algorithm (FML also with tasks and a catfish).
-GROUPED = {
-    "fml": dict(algorithm="fml", local_models="mlp,mlp_small", client_tasks="full,parity,full",
-                catfish_clients="5", catfish_model="logreg", clients_per_round=5,
-                fml__alpha_schedule="0:0.7,1:0.4"),
-    "local": dict(algorithm="local", local_models="mlp_small,logreg",
-                  client_tasks="subset_0-6,full"),
-    "fedmd": dict(algorithm="fedmd", local_models="mlp,mlp_small", public_size=60,
-                  fedmd__alignment_size=30, fedmd__public_epochs=2, fedmd__private_epochs=1,
-                  fedmd__digest_batch_size=16, local_epochs=1, optimizer="adam",
-                  learning_rate=1e-3, weight_decay=0.0, momentum=0.0),
-    "fedh2l": dict(algorithm="fedh2l", local_models="mlp,mlp_small,logreg", public_size=40,
-                   clients_per_round=6, fedh2l__topology="random_k", fedh2l__peers=2,
-                   fedh2l__seed_ce=True),
-}
+# FML in the full DOM setting: tasks, a catfish and three groups, partial participation.
+FML_DOM = dict(algorithm="fml", local_models="mlp,mlp_small", client_tasks="full,parity,full",
+               catfish_clients="5", catfish_model="logreg", clients_per_round=5,
+               fml__alpha_schedule="0:0.7,1:0.4")
 
 
 def run_grouped_rounds(config, strategy, rounds, placement="device"):
@@ -93,45 +118,26 @@ def run_grouped_rounds(config, strategy, rounds, placement="device"):
   return runner, jax.device_get(state), history
 
 
-@pytest.mark.parametrize("name", list(GROUPED))
-def test_vmap_equals_sequential_with_architecture_groups(name):
-  config = small_config(**GROUPED[name])
+def test_vmap_equals_sequential_with_tasks_and_a_catfish():
+  config = small_config(**FML_DOM)
   runner, seq_state, seq_metrics = run_grouped_rounds(config, "sequential", 2)
-  assert runner.num_groups >= 2
+  assert runner.num_groups >= 3
   _, vmap_state, vmap_metrics = run_grouped_rounds(config, "vmap", 2)
   assert_trees_close(seq_state.server, vmap_state.server)
   assert_trees_close(seq_state.population, vmap_state.population)
   assert_trees_close(seq_metrics, vmap_metrics)
 
 
-# The host store against the device store: partial participation in two groups (FML),
-# a warm start and messages (FedMD), server-side state only (FedMR).
-HOST_CASES = {
-    "fml": dict(algorithm="fml", local_models="mlp,mlp_small", clients_per_round=4),
-    "fedmd": dict(GROUPED["fedmd"], clients_per_round=4),
-    "fedmr": dict(algorithm="fedmr", clients_per_round=3),
-}
-
-
-@pytest.mark.parametrize("name,strategy", [("fml", "vmap"), ("fml", "sequential"),
-                                           ("fml", "chunked"), ("fedmd", "vmap"),
-                                           ("fedmr", "sequential")])
-def test_host_store_equals_device_store(name, strategy):
-  config = small_config(**HOST_CASES[name], chunk_size=3)
-  runner, host_state, host_metrics = run_grouped_rounds(config, strategy, 3, "host")
-  _, device_state, device_metrics = run_grouped_rounds(config, strategy, 3, "device")
-  assert runner.placement == "host" and runner.clients_per_round < runner.data.num_clients
-  assert_trees_close(host_state.server, device_state.server, rtol=1e-6, atol=1e-7)
-  assert_trees_close(host_state.population, device_state.population, rtol=1e-6, atol=1e-7)
-  assert_trees_close(host_metrics, device_metrics, rtol=1e-6, atol=1e-7)
-  # The round's compiled program takes the cohort's rows, not the population.
+def test_host_store_takes_only_the_cohort_into_the_round():
+  runner = make_runner(registry_config("fml"), "vmap", "host")
+  assert runner.clients_per_round < runner.data.num_clients
   shapes = runner.store.round_input(runner.abstract_state(0)).population
   for group, k in zip(shapes, runner.cohort_sizes):
     assert all(x.shape[0] == k for x in jax.tree.leaves(group))
 
 
 def test_host_store_lives_on_the_cpu_device_and_is_written_in_place():
-  config = small_config(**HOST_CASES["fml"])
+  config = small_config(**GROUPED_HOST)
   runner = make_runner(config, "vmap", "host")
   state = runner.init(config.seed)
   cpu = jax.devices("cpu")[0]

@@ -9,9 +9,10 @@ pseudo-gradient  g = global - mean(uploads):
                      yogi      optax.yogi(lr, b1, b2, eps)      (FedYogi)
                      adagrad   optax.adagrad(lr, eps=eps), accumulator from 0 (FedAdagrad)
 
-The optax transformations are used as they are: optax's adam corrects its moments'
-bias (Flower's FedAdam does too; the paper does not), and its adagrad adds eps inside
-the square root (the paper adds tau outside). With lr 1 and no momentum the step is
+The optax transformations are used as they are: optax's adam and yogi correct their
+moments' bias (Flower's FedAdam does too; the paper does not) and yogi starts its
+moments at 1e-6, and its adagrad adds eps inside the square root (the paper adds tau
+outside). tests/test_aggregation.py restates each in NumPy. With lr 1 and no momentum the step is
 exactly the average (x - (x - mean) is not, in floating point), so FedAvg and
 FedAvgM with momentum 0 keep no server-optimizer state and return the mean itself.
 

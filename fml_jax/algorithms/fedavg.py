@@ -25,6 +25,10 @@ class FedAvg(Algorithm):
   averages_models = True
   uses_server_optimizer = True
 
+  @classmethod
+  def small_overrides(cls):
+    return {}   # one model; weighted by example count, partial participation
+
   def __init__(self, config, num_classes, input_shape):
     super().__init__(config, num_classes, input_shape)
     self.model = build_model(config.model, num_classes, input_shape, "model")
@@ -73,6 +77,10 @@ class FedProx(FedAvg):
   @classmethod
   def check_config(cls, config):
     settings.number(config, "fedprox.mu", 0)
+
+  @classmethod
+  def small_overrides(cls):
+    return {"fedprox.mu": 0.1}
 
   def __init__(self, config, num_classes, input_shape):
     super().__init__(config, num_classes, input_shape)

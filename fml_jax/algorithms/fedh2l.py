@@ -91,6 +91,11 @@ class FedH2L(ClientModelsAlgorithm):
       raise ConfigError("fedh2l.peers", f"{c.peers} peers need more than "
                         f"clients_per_round={config.clients_per_round} participants")
 
+  @classmethod
+  def small_overrides(cls):
+    return {"local_models": "mlp,mlp_small", "public_size": 40, "fedh2l.topology": "random_k",
+            "fedh2l.peers": 2, "fedh2l.seed_ce": True}
+
   def prepare_round(self, server_state, context, data):
     c = self.settings
     return {"peers": peer_matrix(c.topology, context.clients.id.shape[0], context.key, c.peers)}

@@ -105,6 +105,13 @@ class FedMD(ClientModelsAlgorithm):
     for field in ("early_stopping", "report_bounds"):
       settings.boolean(config, f"fedmd.{field}")
 
+  @classmethod
+  def small_overrides(cls):
+    return {"local_models": "mlp,mlp_small", "public_size": 60, "fedmd.alignment_size": 30,
+            "fedmd.public_epochs": 2, "fedmd.private_epochs": 1, "fedmd.digest_batch_size": 16,
+            "local_epochs": 1, "optimizer": "adam", "learning_rate": 1e-3, "weight_decay": 0.0,
+            "momentum": 0.0, "fedmd.report_bounds": False}
+
   def __init__(self, config, num_classes, input_shape):
     super().__init__(config, num_classes, input_shape)
     self.digest = digest_loss(self.settings.digest_loss, self.settings.digest_temperature)

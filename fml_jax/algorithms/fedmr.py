@@ -93,6 +93,10 @@ class FedMR(Algorithm):
     settings.number(config, "fedmr.first_stage_rounds", 0, integer=True)
     settings.number(config, "fedmr.block_fraction", 0, 1, low_open=True)
 
+  @classmethod
+  def small_overrides(cls):
+    return {"clients_per_round": 3, "fedmr.first_stage_rounds": 1}
+
   def __init__(self, config, num_classes, input_shape):
     super().__init__(config, num_classes, input_shape)
     self.model = build_model(config.model, num_classes, input_shape, "model")

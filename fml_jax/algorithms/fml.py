@@ -76,6 +76,11 @@ class FML(ClientModelsAlgorithm):
     settings.number(config, "fml.schedule_stop_round", 0, integer=True)
     balance_schedules(config.fml)
 
+  @classmethod
+  def small_overrides(cls):
+    # Two local architectures (groups of 3, 2 of each per round) and a schedule.
+    return {"local_models": "mlp,mlp_small", "fml.alpha_schedule": "0:0.7,1:0.4"}
+
   def __init__(self, config, num_classes, input_shape):
     super().__init__(config, num_classes, input_shape)
     self.meme_model = build_model(config.model, num_classes, input_shape, "model")

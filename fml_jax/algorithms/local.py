@@ -20,6 +20,10 @@ class LocalOnly(ClientModelsAlgorithm):
   supports_client_tasks = True
   supports_catfish = True
 
+  @classmethod
+  def small_overrides(cls):
+    return {"local_models": "mlp_small,logreg", "client_tasks": "subset_0-6,full"}
+
   def client_update(self, server_state, client_state, client, data, group):
     task = self.groups[group].task
     step = supervised_step(self.groups[group].model, self.optimizer,

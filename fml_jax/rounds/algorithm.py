@@ -84,6 +84,15 @@ class Algorithm(abc.ABC):
   def check_config(cls, config) -> None:
     """Raises ConfigError (naming `section.field`) for a value this algorithm refuses."""
 
+  @classmethod
+  def small_overrides(cls) -> Optional[dict]:
+    """Required: settings (dotted paths) on top of the tests' tiny synthetic config
+    (6 clients, 4 per round, 2 local epochs; tests/conftest.py) that make a short run
+    of this algorithm meaningful, e.g. two architecture groups or a public set. The
+    registry-driven tests (tests/test_rounds.py, tests/test_sharding.py) run every
+    registered algorithm with them: executors, stores, devices and resume agree."""
+    return None
+
   def client_groups(self, num_clients: int) -> np.ndarray:
     """(num_clients,) each client's architecture group; one group by default."""
     return np.zeros(num_clients, np.int32)
