@@ -9,7 +9,7 @@ the peers' way (a PyTorch loop over clients), in the same run.
 
 What is timed: a federated round in which each of `cohort` clients takes `--steps`
 FML steps (default 1; meme and local model, batch 32, MNIST-shaped inputs):
-sampling, gathering, the steps, scattering and averaging, as `Engine.run_round`
+sampling, gathering, the steps, scattering and averaging, as `Runner.run_round`
 does it. One step per round measures the per-round overheads; `--steps=32` is
 closer to real local training. The PyTorch
 reference runs the same FML step (same architectures, losses and SGD settings) in

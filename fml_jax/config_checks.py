@@ -50,10 +50,20 @@ def validate(config) -> None:
                       "fml_jax/configs/default.py, which defines every field")
   cls = algorithms.resolve(config.algorithm)
   _add_missing_section(config, cls)
-  missing = [f for f in required_fields() if not settings.has(config, f)]
+  required = required_fields()
+  missing = [f for f in required if not settings.has(config, f)]
   if missing:
     raise ConfigError(missing[0], "is missing from the config; start from "
                       "fml_jax/configs/default.py, which defines every field")
+  known = set(required) | {f"{cls.config_section}.{k}" for k in cls.defaults()}
+  unknown = [f for f in field_paths(config) if f not in known]
+  if unknown:
+    name = unknown[0]
+    dotted = name.replace("__", ".")
+    renamed = dotted if dotted in known else settings.RENAMED.get(name)
+    hint = f"; did you mean '{renamed}'?" if renamed else ""
+    raise ConfigError(name, f"is not a setting of fml_jax{hint} (the fields are listed in "
+                      "fml_jax/configs/default.py and each algorithm's defaults())")
   for name in split_list(config.local_models):
     if name not in MODELS:
       raise ConfigError("local_models", f"'{name}' is not one of {', '.join(MODELS)}")

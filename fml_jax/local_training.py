@@ -1,7 +1,7 @@
 """A client's local training: `local_epochs` passes over its own data in one `lax.scan`.
 
 This is the shared machinery every algorithm's client update uses. It runs for a
-single client; the engine maps it over a cohort (vmap or a loop), so it must be
+single client; an executor maps it over a cohort (vmap or a loop), so it must be
 pure and shape-static:
 
 - a client's data is a row of indices padded to the largest client, plus a count;

@@ -43,8 +43,21 @@ def atomic_write_json(path: Path, obj) -> None:
   os.replace(tmp, path)
 
 
+def _flat(config: dict, prefix: str = "") -> dict:
+  """{dotted field path: value}, sections (nested dicts) expanded."""
+  flat = {}
+  for key, value in config.items():
+    if isinstance(value, dict):
+      flat.update(_flat(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
 def config_differences(old: dict, new: dict) -> list[str]:
-  """'field: old -> new' for every field that differs, except RESUMABLE_FIELDS."""
+  """'field: old -> new' for every field that differs (sections' fields by their dotted
+  path, e.g. fml.alpha), except RESUMABLE_FIELDS."""
+  old, new = _flat(old), _flat(new)
   fields = sorted((set(old) | set(new)) - set(RESUMABLE_FIELDS))
   return [f"{f}: {old.get(f, '(absent)')!r} -> {new.get(f, '(absent)')!r}"
           for f in fields if old.get(f) != new.get(f)]

@@ -21,7 +21,7 @@ def tree_is_finite(tree) -> jax.Array:
   contributes 0 and a NaN or inf makes the sum NaN, so it is exact (no overflow), and
   a sum is a fast reduction where all(isfinite(x)) under vmap is not (6x slower on
   XLA:CPU over a stack of 64 MLP kernels, a sixth of a round; benchmarks/RESULTS.md).
-  tests/test_rounds.py checks the form and the answer."""
+  tests/test_invariants.py checks the form and the answer."""
   flags = [jnp.isfinite(jnp.sum(x - x)) for x in jax.tree.leaves(tree)
            if jnp.issubdtype(x.dtype, jnp.inexact)]
   return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)

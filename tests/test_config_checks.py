@@ -220,3 +220,16 @@ def test_build_model_names_local_models_field():
     ("lenet5", (32, 32, 3))])
 def test_build_model_accepts_fitting_models(name, shape):
   assert build_model(name, 10, shape) is not None
+
+
+@pytest.mark.parametrize("extra,field,needle", [
+    (dict(fedmd__alignment_size=5), "fedmd__alignment_size", "did you mean 'fedmd.alignment_size'"),
+    (dict(prox_mu=0.1), "prox_mu", "did you mean 'fedprox.mu'"),
+    (dict(no_such_field=1), "no_such_field", "is not a setting of fml_jax"),
+])
+def test_unknown_fields_are_refused_not_ignored(extra, field, needle):
+  config = default.get_config()
+  config.update(extra)   # ConfigDict.update adds unknown keys silently
+  with pytest.raises(ConfigError) as e:
+    config_checks.validate(config)
+  assert e.value.field == field and needle in str(e.value)

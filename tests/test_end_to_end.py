@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from fml_jax import train
+from fml_jax import settings, train
 from fml_jax.data import load_federated_data
 
 from conftest import REPO, SHARED_TFDS, requires_mnist, small_config
@@ -55,7 +55,7 @@ def test_overwrite_replaces_a_different_run(tmp_path):
   summary = train.run(small_config(num_rounds=1, fml__alpha=0.2), str(tmp_path), overwrite=True)
   assert summary["num_rounds"] == 1 and summary["resumed_after_round"] == 0
   assert [m["round"] for m in read_metrics(tmp_path)] == [1]
-  assert json.load(open(tmp_path / "config.json"))["alpha"] == 0.2
+  assert json.load(open(tmp_path / "config.json"))["fml"]["alpha"] == 0.2
 
 
 def test_same_seed_gives_identical_metrics(tmp_path):
@@ -120,11 +120,11 @@ def test_fedmd_parties_beat_their_no_collaboration_accuracy(tmp_path):
   """configs/fedmd.py at CI size: 4 parties (two MLP architectures), public digits 0-4,
   50 private images of digits 5-9 each."""
   from fml_jax.configs import fedmd
-  c = fedmd.get_config()
-  c.update(data_dir=SHARED_TFDS, local_models="mlp_small,mlp", num_clients=4,
-           clients_per_round=4, client_max_examples=50, public_size=2000,
-           fedmd__alignment_size=500, fedmd__public_epochs=2, fedmd__private_epochs=10,
-           fedmd__digest_batch_size=64, num_rounds=4, checkpoint_every=0)
+  c = settings.apply_overrides(fedmd.get_config(), dict(
+      data_dir=SHARED_TFDS, local_models="mlp_small,mlp", num_clients=4, clients_per_round=4,
+      client_max_examples=50, public_size=2000, fedmd__alignment_size=500,
+      fedmd__public_epochs=2, fedmd__private_epochs=10, fedmd__digest_batch_size=64,
+      num_rounds=4, checkpoint_every=0))
   summary = train.run(c, str(tmp_path))
   metrics = read_metrics(tmp_path)
   bounds = json.load(open(tmp_path / "bounds.json"))

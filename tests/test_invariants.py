@@ -1,15 +1,15 @@
 """The measured speed-ups kept as named invariants (benchmarks/RESULTS.md has the
 measurements); each test fails if the invariant is lost. The others have theirs
 beside the code they test: population init in place and evaluation in bounded chunks
-(tests/test_heterogeneous.py), the im2col convolution (tests/test_conv.py), clients cut
-out in chunks by one jitted call (fml_jax/trees.py, split_clients; used by every
-sequential test)."""
+(tests/test_heterogeneous.py), the convolution whose gradients take XLA:CPU's fast
+form (tests/test_conv.py)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from conftest import small_config
+from fml_jax import trees
 from fml_jax.trees import tree_is_finite
 from test_rounds import make_runner
 
@@ -52,3 +52,20 @@ def test_sequential_finish_writes_the_new_population_in_place():
   # into it (its buffers now belong to the new population).
   assert all(x.is_deleted() for x in old_leaves)
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(new.population))
+
+
+def test_clients_are_cut_out_in_chunks_by_one_jitted_call():
+  k = trees.SPLIT_CHUNK + 6   # two calls, the second one short
+  tree = {"w": jnp.arange(k * 3.0).reshape(k, 3), "n": jnp.arange(k)}
+  calls = []
+  original = trees._clients_at
+  trees._clients_at = lambda *args: calls.append(args[2]) or original(*args)
+  try:
+    clients = list(trees.split_clients(tree))
+  finally:
+    trees._clients_at = original
+  assert calls == [trees.SPLIT_CHUNK, 6]
+  assert len(clients) == k
+  for i in (0, trees.SPLIT_CHUNK - 1, trees.SPLIT_CHUNK, k - 1):
+    np.testing.assert_array_equal(clients[i]["w"], tree["w"][i])
+    assert int(clients[i]["n"]) == i

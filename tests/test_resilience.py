@@ -148,7 +148,7 @@ def test_workdir_with_other_config_lists_the_differences(tmp_path):
   train.run(small_config(num_rounds=1), str(tmp_path))
   with pytest.raises(UserError) as e:
     train.run(small_config(num_rounds=1, fml__alpha=0.3, batch_size=8), str(tmp_path))
-  assert "alpha: 0.5 -> 0.3" in str(e.value) and "batch_size: 16 -> 8" in str(e.value)
+  assert "fml.alpha: 0.5 -> 0.3" in str(e.value) and "batch_size: 16 -> 8" in str(e.value)
   # The resumable fields may change: raising num_rounds extends the run.
   summary = train.run(small_config(num_rounds=3), str(tmp_path))
   assert summary["resumed_after_round"] == 1

@@ -1,6 +1,7 @@
 """Which private model each client holds: architecture (`local_models`, the catfish)
 and task (`client_tasks`). Clients with the same (architecture, task) form one
-architecture group, whose states the engine keeps as one stacked pytree.
+architecture group, whose states a store (fml_jax/rounds/stores.py) keeps as one
+stacked pytree.
 
   local_models     "mlp,cnn": assigned round-robin (client i gets entry i % n); a
                    list of num_clients entries is an explicit per-client choice;
