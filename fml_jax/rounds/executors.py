@@ -194,7 +194,7 @@ class Sequential:
               plan.server, one_client_shapes(states), one_client_shapes(cohort.clients),
               plan.data, g).compile()
       k = protocol.groups.cohort_sizes[g]
-      gathered = protocol.store.placement == "device" and not protocol.groups.whole[g]
+      gathered = protocol.store.gathers(g)
       split = min(SPLIT_CHUNK, k) / k
       held_by_loop += (int(tree_bytes((states, cohort.clients)) * (gathered + split))
                        + 2 * tree_bytes(results))

@@ -22,6 +22,7 @@ from fml_jax.rounds.protocol import AGGREGATIONS, RoundProtocol
 from fml_jax.rounds.sampling import Groups
 from fml_jax.rounds.stores import make_store
 from fml_jax.rounds.types import RoundReport, RoundState
+from fml_jax.trees import take_rows
 
 # A warm start draws from a key no round uses (round r folds in r).
 WARM_START_FOLD = 2**31 - 1
@@ -112,11 +113,11 @@ class Runner:
     return self._round(state)
 
   def begin_round(self, state: RoundState):
-    """The cohort the next round would train (with each member's state) and its context,
-    without running it (for inspection and tests; device store only)."""
+    """The cohort the next round would train (with a copy of each member's state) and
+    its context, without running it (for inspection and tests)."""
     cohorts, context = self.protocol.begin(state, self.data)
-    states = self.protocol.client_states(state, cohorts)
-    return tuple(c.replace(client_state=s) for c, s in zip(cohorts, states)), context
+    return tuple(c.replace(client_state=take_rows(population, c.slots))
+                 for c, population in zip(cohorts, state.population)), context
 
   def warm_start(self, state: RoundState, rows=None) -> RoundState:
     """Runs the algorithm's warm start (FedMD's transfer learning) on every client, before

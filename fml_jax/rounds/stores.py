@@ -85,7 +85,7 @@ class DeviceStore:
 
   def state_shardings(self, state):
     """Where each leaf of a round state lives (None: JAX's default placement)."""
-    if self.mesh is None and self.placement == "device":
+    if self.mesh is None and self.init_device() is None:   # one device, JAX's default
       return None
     replicated = self.replicated_sharding() or SingleDeviceSharding(jax.devices()[0])
     clients = self.population_sharding()
@@ -117,6 +117,10 @@ class DeviceStore:
   def put(self, group: int, population, slots, new):
     """The group's population with the cohort's new rows."""
     return new if self.groups.whole[group] else put_rows(population, slots, new)
+
+  def gathers(self, group: int) -> bool:
+    """Whether `take` copies the cohort's rows out of the population."""
+    return not self.groups.whole[group]
 
   # --- the round ------------------------------------------------------------------------
 
@@ -162,6 +166,9 @@ class HostStore(DeviceStore):
 
   def put(self, group, population, slots, new):
     return new
+
+  def gathers(self, group):
+    return False   # gathered on the host, before the round
 
   def round_input(self, state_like: RoundState) -> RoundState:
     sharding = self.cohort_sharding()
