@@ -1,5 +1,6 @@
 """Shared test settings: small configs, and where the prepared tfds datasets are."""
 
+import gc
 import os
 from pathlib import Path
 
@@ -23,6 +24,53 @@ _CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def _mapped_regions() -> int:
+  try:
+    with open("/proc/self/maps") as f:
+      return sum(1 for _ in f)
+  except OSError:   # not Linux: nothing to watch
+    return 0
+
+
+def _map_limit() -> int:
+  try:
+    return int(open("/proc/sys/vm/max_map_count").read())
+  except (OSError, ValueError):
+    return 65530
+
+
+_RUNNERS = {}
+
+
+def make_runner(config, strategy, placement="device"):
+  """Runners are cached per (config, strategy, placement): each one compiles its own
+  functions, and compiling dominates these tests' time on a small CPU."""
+  from fml_jax.algorithms import build_algorithm   # pylint: disable=g-import-not-at-top
+  from fml_jax.data import load_federated_data   # pylint: disable=g-import-not-at-top
+  from fml_jax.rounds import Runner   # pylint: disable=g-import-not-at-top
+  key = (str(config), strategy, placement)
+  if key not in _RUNNERS:
+    data = load_federated_data(config)
+    algorithm = build_algorithm(config, data.num_classes, data.input_shape)
+    _RUNNERS[key] = Runner(algorithm, data, config.clients_per_round, config.aggregation,
+                           strategy, chunk_size=config.chunk_size, placement=placement)
+  return _RUNNERS[key]
+
+
+@pytest.fixture(autouse=True)
+def _release_compiled_programs():
+  """Every program XLA:CPU compiles keeps a few memory mappings while it is alive, and
+  the whole suite compiles thousands: past the kernel's vm.max_map_count (65530 here)
+  the next mmap fails and the process dies with a segmentation fault inside XLA. When
+  the mappings pass half the limit, drop the cached runners and JAX's compiled
+  programs (a later test that needs one reloads it from the persistent cache)."""
+  yield
+  if _mapped_regions() > _map_limit() // 2:
+    _RUNNERS.clear()
+    jax.clear_caches()
+    gc.collect()
 
 
 def has_tfds_dataset(name: str) -> bool:

@@ -16,24 +16,9 @@ from fml_jax.rounds import executors
 from fml_jax.rounds import Runner
 from fml_jax.optimizers import TrainState, make_optimizer
 
-from conftest import small_config
+from conftest import make_runner, small_config
 
 GROUPED_HOST = dict(algorithm="fml", local_models="mlp,mlp_small", clients_per_round=4)
-
-
-_RUNNERS = {}
-
-
-def make_runner(config, strategy, placement="device"):
-  """Engines are cached per (config, strategy, placement): each one compiles its own
-  functions, and compiling dominates these tests' time on a small CPU."""
-  key = (str(config), strategy, placement)
-  if key not in _RUNNERS:
-    data = load_federated_data(config)
-    algorithm = build_algorithm(config, data.num_classes, data.input_shape)
-    _RUNNERS[key] = Runner(algorithm, data, config.clients_per_round, config.aggregation,
-                           strategy, chunk_size=config.chunk_size, placement=placement)
-  return _RUNNERS[key]
 
 
 def run_rounds(config, strategy, rounds):
