@@ -9,7 +9,7 @@ import pytest
 
 from fml_jax import local_training
 from fml_jax import config_checks
-from fml_jax.algorithms import ALGORITHMS, build_algorithm
+from fml_jax.algorithms import ALGORITHMS, BUILTIN, build_algorithm
 from fml_jax.checkpoints import Checkpointer
 from fml_jax.data import from_client_lists, load_federated_data
 from fml_jax.rounds import executors
@@ -38,7 +38,7 @@ def assert_trees_close(a, b, rtol=1e-4, atol=1e-5):
 
 # --- driven by the registry: every registered algorithm, with its own small config -----
 
-REGISTERED = sorted(name for name in ALGORITHMS if ":" not in name)
+REGISTERED = sorted(cls.name for cls in BUILTIN)   # the package's registry
 
 
 def registry_config(name: str, **extra):

@@ -23,14 +23,14 @@ from fml_jax.data import load_federated_data
 from fml_jax.rounds import Runner, client_mesh
 
 assert len(jax.devices()) == 4, jax.devices()
-from fml_jax.algorithms import ALGORITHMS
+from fml_jax.algorithms import ALGORITHMS, BUILTIN
 
 out = {}
 # Every registered algorithm with its own small config on 8 clients: the whole population
 # each round when it has architecture groups (groups of 4), half of it otherwise; and
 # "_host": two groups of 6 in host memory (CPU device 0; not a multiple of 4: it is not
 # sharded), 4 of each per round moved to and sharded over the 4 devices and back.
-cases = [(name, name) for name in sorted(ALGORITHMS) if ":" not in name]
+cases = [(cls.name, cls.name) for cls in BUILTIN]
 cases.append(("fml_groups_host", "fml"))
 for case, name in cases:
   results = {}

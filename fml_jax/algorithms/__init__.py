@@ -33,7 +33,10 @@ def register(cls: type) -> type:
   return cls
 
 
-for _cls in (FML, FedAvg, FedProx, LocalOnly, FedMR, FedMD, FedH2L):
+# The package's own algorithms: their sections make up fml_jax/configs/default.py. One
+# registered later (module:Class) brings its section into the configs that run it only.
+BUILTIN = (FML, FedAvg, FedProx, LocalOnly, FedMR, FedMD, FedH2L)
+for _cls in BUILTIN:
   register(_cls)
 
 
@@ -60,9 +63,8 @@ def resolve(name: str) -> type:
 
 
 def section_defaults() -> dict:
-  """Every registered algorithm's config section with its defaults."""
-  return {cls.config_section: cls.defaults() for cls in ALGORITHMS.values()
-          if cls.config_section}
+  """Every built-in algorithm's config section with its defaults."""
+  return {cls.config_section: cls.defaults() for cls in BUILTIN if cls.config_section}
 
 
 def build_algorithm(config, num_classes: int, input_shape: tuple) -> Algorithm:
