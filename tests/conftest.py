@@ -4,6 +4,14 @@ import gc
 import os
 from pathlib import Path
 
+# The tests compile thousands of small programs and run each briefly, so LLVM's
+# optimizations cost far more than they save: without them XLA:CPU compiles about twice
+# as fast (66 s against 34 s for FML and FedMD, vmap and sequential, cold). Set before
+# JAX starts its backend; subprocesses inherit it.
+_FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
+
 import jax
 import pytest
 
@@ -93,3 +101,23 @@ def small_config(**overrides):
   c.synthetic_max_client_examples = 120
   c.data_dir = SHARED_TFDS
   return settings.apply_overrides(c, overrides)
+
+
+MAX_WORKERS = 4   # each worker holds a few GiB of compiled programs and data
+
+
+def pytest_xdist_auto_num_workers(config):
+  """`-n auto` (pytest.ini): one worker per core, at most MAX_WORKERS."""
+  del config
+  return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+
+
+# The longest files first, so that with several workers (pytest.ini) none of them is
+# left alone at the end with a long one.
+LONGEST_FIRST = ("test_sharding.py", "test_bad_input.py", "test_rounds.py", "test_end_to_end.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+  del session, config
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -93,11 +93,14 @@ def test_fedadam_round_equals_optax_adam_applied_by_hand_to_the_mean_update():
   adam = optax.adam(0.05, b1=0.9, b2=0.99, eps=1e-3)
   params = jax.device_get(state.server["params"])
   opt_state = adam.init(params)
+  # The clients' updates as the sequential executor computes them (one jitted client):
+  # adam divides by the root of the second moment, so coordinates whose pseudo-gradient
+  # is near zero would turn float-rounding differences between programs into lr-sized ones.
+  client_update = jax.jit(algorithm.client_update, static_argnums=4)
   for _ in range(2):
     (cohort,), context = runner.begin_round(state)
-    uploads = [algorithm.client_update(state.server, (), jax.tree.map(lambda a: a[i],
-                                                                     cohort.clients),
-                                       runner.data, 0).upload
+    uploads = [client_update(state.server, (), jax.tree.map(lambda a: a[i], cohort.clients),
+                             runner.data, 0).upload
                for i in range(cohort.clients.id.shape[0])]
     w = np.asarray(context.weights)
     mean = jax.tree.map(lambda *u: np.tensordot(w, np.stack(u), 1), *uploads)
@@ -105,7 +108,10 @@ def test_fedadam_round_equals_optax_adam_applied_by_hand_to_the_mean_update():
     params = optax.apply_updates(params, updates)
     state, report = runner.run_round(state)
     assert "server_update_norm" in report.metrics
-  assert_trees_close(state.server["params"], params, rtol=1e-5, atol=1e-6)
+  # Adam moves every coordinate by about lr (0.05) whatever its gradient's size, so where
+  # the pseudo-gradient is near zero float rounding of the mean shows at lr scale: allow
+  # 1e-3 of a step (a wrong moment, decay or bias correction is off by far more).
+  assert_trees_close(state.server["params"], params, rtol=0, atol=5e-5)
 
 
 def test_server_metrics_reach_the_report_and_downloads_are_parameters_only():

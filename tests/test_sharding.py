@@ -59,7 +59,8 @@ print("RESULT " + json.dumps(out))
 
 
 def test_sharded_over_four_devices_equals_one_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
+             + " --xla_force_host_platform_device_count=4",
              PYTHONPATH=str(REPO))
   proc = subprocess.run([sys.executable, "-c", SHARDED_RUN], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=900)
