@@ -19,8 +19,8 @@ def tree_is_finite(tree) -> jax.Array:
 
   Invariant (measured): written as isfinite(sum(x - x)). Every finite entry
   contributes 0 and a NaN or inf makes the sum NaN, so it is exact (no overflow), and
-  a sum is a fast reduction where all(isfinite(x)) under vmap is not (6x slower on
-  XLA:CPU over a stack of 64 MLP kernels, a sixth of a round; benchmarks/RESULTS.md).
+  a sum is a fast reduction where all(isfinite(x)) under vmap is not (benchmarks/
+  RESULTS.md, "What made the CPU path faster").
   tests/test_invariants.py checks the form and the answer."""
   flags = [jnp.isfinite(jnp.sum(x - x)) for x in jax.tree.leaves(tree)
            if jnp.issubdtype(x.dtype, jnp.inexact)]
@@ -65,8 +65,8 @@ def split_clients(tree):
   """Yields each client's tree (leading axis removed) of a stacked tree.
 
   Invariant (measured): clients are cut SPLIT_CHUNK at a time by one jitted call;
-  eager slicing dispatches once per leaf and client (on XLA:CPU 9 ms per FML CNN
-  client, a quarter of its update)."""
+  eager slicing dispatches once per leaf and client (benchmarks/RESULTS.md, "After
+  the sequential strategy stopped copying")."""
   k = jax.tree.leaves(tree)[0].shape[0]
   for start in range(0, k, SPLIT_CHUNK):
     yield from _clients_at(tree, jnp.int32(start), min(SPLIT_CHUNK, k - start))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 # The tests compile thousands of small programs and run each briefly, so LLVM's
 # optimizations cost far more than they save: without them XLA:CPU compiles about twice
-# as fast (66 s against 34 s for FML and FedMD, vmap and sequential, cold). Set before
+# as fast (benchmarks/RESULTS.md, "The test suite's time"). Set before
 # JAX starts its backend; subprocesses inherit it.
 _FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):

@@ -161,7 +161,8 @@ class Sequential:
 
   def take(self, protocol, state, cohorts):
     # Outside any jit: a whole group's population is used as it is (a jitted function
-    # returning an input unchanged must copy it: 32 ms of a 450 ms CNN round of 8).
+    # returning an input unchanged must copy it; benchmarks/RESULTS.md, "After the
+    # sequential strategy stopped copying").
     return protocol.client_states(state, cohorts)
 
   def shard(self, store, tree):
@@ -246,8 +247,8 @@ class Debug(Sequential):
 
 # On XLA:CPU a vmapped round beats a loop of single-client updates only while the
 # per-client overhead of the loop dominates: up to about 8 local steps per round
-# (FML MLP, batch 32, cohorts 10 and 64: 2.8-3.3x at 1 step, 1.1x at 8, 0.8-0.96x at
-# 32; benchmarks/RESULTS.md). Beyond that the loop keeps one client's models in cache.
+# (benchmarks/RESULTS.md, "Steps per round: where vmap stops paying on a CPU"). Beyond
+# that the loop keeps one client's models in cache.
 CPU_VMAP_MAX_STEPS = 8
 
 
