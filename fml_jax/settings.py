@@ -26,6 +26,12 @@ RENAMED = {
 }
 
 
+def is_static_zero(value) -> bool:
+  """Whether a setting is the Python number 0 (a term it weights can be left out when
+  tracing); False for a traced value (a vmapped sweep over it, fml_jax/replicas.py)."""
+  return isinstance(value, (int, float)) and value == 0
+
+
 def get(config, field: str):
   """The value at a dotted path."""
   value = config

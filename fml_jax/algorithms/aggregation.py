@@ -56,7 +56,10 @@ def check_server_settings(config) -> None:
 
 
 def is_plain_average(server) -> bool:
-  """Whether the server step is the weighted average itself (no optimizer state)."""
+  """Whether the server step is the weighted average itself (no optimizer state). A
+  traced learning rate (a vmapped sweep over it, fml_jax/replicas.py) is not."""
+  if not isinstance(server.learning_rate, (int, float)):
+    return False
   return (server.optimizer in ("sgd", "momentum") and server.learning_rate == 1.0
           and (server.optimizer == "sgd" or server.momentum == 0.0))
 

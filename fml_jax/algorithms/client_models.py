@@ -27,7 +27,7 @@ from typing import Sequence
 from fml_jax.errors import ConfigError
 from fml_jax.models import build_model, init_variables
 from fml_jax.optimizers import TrainState, make_optimizer
-from fml_jax.rounds.algorithm import Algorithm
+from fml_jax.rounds.algorithm import Algorithm, client_models_key
 from fml_jax.rounds.types import PersonalizedModels
 
 
@@ -156,8 +156,11 @@ class ClientModelsAlgorithm(Algorithm):
   def client_groups(self, num_clients):
     return self.group_of
 
-  def init_clients(self, key) -> tuple:
-    return init_group_states(self.groups, self.group_of, key, self.input_shape, self.optimizer)
+  def init_clients(self, init_key) -> tuple:
+    """Every client's fresh private model, from the run's init key (paired across
+    algorithms: client i's model is the same wherever it has the same architecture)."""
+    return init_group_states(self.groups, self.group_of, client_models_key(init_key),
+                             self.input_shape, self.optimizer)
 
   def init(self, key, group_sizes):
     return {}, self.init_clients(key)

@@ -11,11 +11,12 @@ average by default, FedAvgM / FedAdam / FedYogi / FedAdagrad by setting.
 from __future__ import annotations
 
 from fml_jax import losses, settings
+from fml_jax.settings import is_static_zero
 from fml_jax.algorithms.aggregation import ServerOptimizer
 from fml_jax.algorithms.steps import supervised_step
 from fml_jax.models import build_model, init_params
 from fml_jax.optimizers import TrainState, make_optimizer
-from fml_jax.rounds.algorithm import Algorithm
+from fml_jax.rounds.algorithm import Algorithm, global_model_key
 from fml_jax.rounds.types import ClientResult, PersonalizedModels
 
 
@@ -37,13 +38,13 @@ class FedAvg(Algorithm):
     self.prox_mu = 0.0
 
   def init(self, key, group_sizes):
-    params = init_params(self.model, key, self.input_shape)
+    params = init_params(self.model, global_model_key(key), self.input_shape)
     return {"params": params, **self.server_optimizer.init(params)}, ((),)
 
   def client_update(self, server_state, client_state, client, data, group):
     global_params = server_state["params"]
     regularizer = None
-    if self.prox_mu:
+    if not is_static_zero(self.prox_mu):
       regularizer = lambda p: 0.5 * self.prox_mu * losses.proximal_term(p, global_params)
     step = supervised_step(self.model, self.optimizer, regularizer)
     state, metrics = self.train(step, TrainState.create(global_params, self.optimizer),
@@ -84,4 +85,4 @@ class FedProx(FedAvg):
 
   def __init__(self, config, num_classes, input_shape):
     super().__init__(config, num_classes, input_shape)
-    self.prox_mu = float(self.settings.mu)
+    self.prox_mu = self.settings.mu   # a number, or traced in a vmapped sweep (replicas.py)

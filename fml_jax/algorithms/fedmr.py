@@ -36,7 +36,7 @@ from fml_jax.algorithms.aggregation import ServerOptimizer
 from fml_jax.algorithms.steps import supervised_step
 from fml_jax.models import build_model, init_params
 from fml_jax.optimizers import TrainState, make_optimizer
-from fml_jax.rounds.algorithm import Algorithm
+from fml_jax.rounds.algorithm import Algorithm, global_model_key
 from fml_jax.rounds.types import ClientResult, PersonalizedModels
 
 GRANULARITIES = ("tensor", "layer", "block")
@@ -106,7 +106,7 @@ class FedMR(Algorithm):
     self.keeps_optimizer_state = self.settings.optimizer_state != "reset"
 
   def init(self, key, group_sizes):
-    params = init_params(self.model, key, self.input_shape)
+    params = init_params(self.model, global_model_key(key), self.input_shape)
     stack = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (self.num_slots, *x.shape)),
                                       tree)
     server = {"slots": stack(params),

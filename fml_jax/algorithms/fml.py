@@ -29,6 +29,7 @@ from fml_jax.algorithms.client_models import ClientModelsAlgorithm
 from fml_jax.algorithms.steps import loss_step
 from fml_jax.models import build_model, forward, init_params
 from fml_jax.optimizers import TrainState
+from fml_jax.rounds.algorithm import global_model_key
 from fml_jax.rounds.types import ClientResult
 
 # The `fml` config section.
@@ -88,9 +89,8 @@ class FML(ClientModelsAlgorithm):
     self.server_optimizer = ServerOptimizer(config.server)
 
   def init(self, key, group_sizes):
-    meme_key, local_key = jax.random.split(key)
-    params = init_params(self.meme_model, meme_key, self.input_shape)
-    return {"params": params, **self.server_optimizer.init(params)}, self.init_clients(local_key)
+    params = init_params(self.meme_model, global_model_key(key), self.input_shape)
+    return {"params": params, **self.server_optimizer.init(params)}, self.init_clients(key)
 
   def make_step(self, group: int, alpha, beta, lr_scale):
     local_model, task = self.groups[group].model, self.groups[group].task

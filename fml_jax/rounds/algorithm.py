@@ -6,6 +6,8 @@ nothing about how clients execute (executors) or where their state lives (stores
   client_groups(num_clients)      -> (num_clients,) int: each client's architecture
       group (clients whose persistent state has the same shapes; default: one group).
   init(key, group_sizes)          -> (server_state, population)
+      draw the global model from `global_model_key(key)` and clients' private models
+      from `client_models_key(key)` (below), so that runs pair across algorithms.
       `population` is a tuple with one entry per group: that group's clients'
       persistent state, each leaf with a leading axis of the group's size.
   warm_start(client_state, client, data, group) -> client_state   (if `has_warm_start`)
@@ -44,6 +46,21 @@ import numpy as np
 from fml_jax.local_training import run_local_steps
 from fml_jax.rounds.types import ClientInfo, ClientResult, PersonalizedModels, RoundContext
 from fml_jax.trees import tree_bytes
+
+
+# Common random numbers: every algorithm draws the same model from the same key, so runs
+# with the same seed start from the same weights whatever the algorithm (FML's meme,
+# FedAvg's and FedMR's global model; client i's private model in FML, local-only,
+# FedMD and FedH2L), and a paired comparison carries only the algorithm's difference.
+def global_model_key(init_key: jax.Array) -> jax.Array:
+  """The key the global (FML: meme) model is initialized from."""
+  return jax.random.fold_in(init_key, 0)
+
+
+def client_models_key(init_key: jax.Array) -> jax.Array:
+  """The key the clients' private models are initialized from (client i: key i of
+  its split, whatever its architecture group)."""
+  return jax.random.fold_in(init_key, 1)
 
 
 class Algorithm(abc.ABC):
