@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ml_collections import ConfigDict
 
-from fml_jax import algorithms, settings
+from fml_jax import algorithms, replicas, settings
 from fml_jax.algorithms import aggregation
 from fml_jax.algorithms.client_models import split_list
 from fml_jax.configs import default
@@ -91,6 +91,7 @@ def validate(config) -> None:
     if other.config_section and other.config_section in config:
       other.check_config(config)
   _check_generic(config)
+  replicas.check_replica_settings(config)
 
 
 def _names_with(capability: str) -> str:

@@ -97,6 +97,16 @@ def main(argv):
     sys.exit(3)
   except UserError as e:
     _fail(str(e))
+  if "points" in summary:   # replicas: mean +- std and a 95% interval per grid point
+    from fml_jax import stats  # pylint: disable=g-import-not-at-top
+    for point in summary["points"]:
+      where = f" {point['sweep']}" if point["sweep"] else ""
+      for key in ("global_test_acc", "local_test_acc_mean"):
+        if point["final"].get(key, {}).get("n"):
+          logging.info("done%s, final %s over seeds %s: %s", where, key, point["seeds"],
+                       stats.describe(point["final"][key]))
+    logging.info("results in %s", _WORKDIR.value)
+    return
   final = summary["final"] or {}
   logging.info("done: final global acc %s, personalized acc %s; results in %s",
                final.get("global_test_acc"), final.get("local_test_acc_mean"), _WORKDIR.value)

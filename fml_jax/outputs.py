@@ -21,6 +21,9 @@ RUN_FILES = ("config.json", "metrics.jsonl", "summary.json")
 CHECKPOINT_DIR = "checkpoints"
 # Fields that may change when a run is resumed: they do not change what a round computes.
 RESUMABLE_FIELDS = ("num_rounds", "eval_every", "checkpoint_every", "checkpoints_to_keep")
+# Fields added after runs were written: absent from an older run's config.json, they had
+# this value (so the older run still resumes).
+ADDED_FIELDS = {"seeds": 1, "sweep": "", "replica_strategy": "auto", "data_seed": -1}
 
 
 def _jsonable(value):
@@ -57,7 +60,7 @@ def _flat(config: dict, prefix: str = "") -> dict:
 def config_differences(old: dict, new: dict) -> list[str]:
   """'field: old -> new' for every field that differs (sections' fields by their dotted
   path, e.g. fml.alpha), except RESUMABLE_FIELDS."""
-  old, new = _flat(old), _flat(new)
+  old, new = {**ADDED_FIELDS, **_flat(old)}, _flat(new)
   fields = sorted((set(old) | set(new)) - set(RESUMABLE_FIELDS))
   return [f"{f}: {old.get(f, '(absent)')!r} -> {new.get(f, '(absent)')!r}"
           for f in fields if old.get(f) != new.get(f)]

@@ -46,6 +46,7 @@ class MemoryEstimate:
   on_host: bool = False     # the population lives in host memory (placement=host) ...
   cohort_bytes: int = 0     # ... and each round moves this much of it to the accelerator
   data_bytes: int = 0       # the dataset and its index tables, on the accelerator
+  replicas: int = 1         # federations held at once (fml_jax/replicas.py), all counted above
 
   @property
   def host_bytes(self) -> int:
@@ -65,8 +66,9 @@ class MemoryEstimate:
   def describe(self) -> str:
     where = (f" in host memory, {gib(self.cohort_bytes)} of it moved to the accelerator "
              "each round" if self.on_host else "")
+    copies = f" x {self.replicas} replicas" if self.replicas > 1 else ""
     return (f"population store {gib(self.population_bytes)} ({self.num_clients} clients x "
-            f"{gib(self.per_client_bytes)}){where}, server state "
+            f"{gib(self.per_client_bytes)}{copies}){where}, server state "
             f"{gib(self.state_bytes - self.population_bytes)}, data {gib(self.data_bytes)}, "
             f"one round's working memory {gib(self.round_bytes)}")
 
@@ -83,6 +85,17 @@ def estimate_memory(runner, state_like) -> MemoryEstimate:
                         num_clients=n, on_host=on_host,
                         cohort_bytes=tree_bytes(runner.store.round_input(state_like).population)
                         if on_host else 0, data_bytes=tree_bytes(runner.data))
+
+
+def for_replicas(estimate: MemoryEstimate, replicas: int, vmapped: bool) -> MemoryEstimate:
+  """The estimate for `replicas` federations: every replica's state, and one round's
+  working memory (replicas in a loop) or all of theirs at once (vmapped)."""
+  at_once = replicas if vmapped else 1
+  return dataclasses.replace(
+      estimate, state_bytes=estimate.state_bytes * replicas,
+      population_bytes=estimate.population_bytes * replicas,
+      round_bytes=estimate.round_bytes * at_once, cohort_bytes=estimate.cohort_bytes * at_once,
+      replicas=replicas)
 
 
 def available_host_memory() -> Optional[int]:

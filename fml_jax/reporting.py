@@ -19,26 +19,70 @@ from pathlib import Path
 
 from absl import logging
 
+from fml_jax import stats
+
 TENSORBOARD_DIR = "tensorboard"
 
 
+# Record fields that say which round or replica it is, not what was measured.
+NOT_SCALARS = ("round", "replica", "seed")
+
+
 class TensorBoardWriter:
-  def __init__(self, workdir: Path, first_round: int = 0):
+  def __init__(self, workdir: Path, first_round: int = 0, name: str = ""):
     from tensorboardX import SummaryWriter   # imported here: only runs that write need it
     # purge_step: events at steps >= it from an earlier (interrupted) run are discarded.
-    self._writer = SummaryWriter(str(workdir / TENSORBOARD_DIR), purge_step=first_round + 1,
-                                 flush_secs=30)
+    folder = workdir / TENSORBOARD_DIR / name if name else workdir / TENSORBOARD_DIR
+    self._writer = SummaryWriter(str(folder), purge_step=first_round + 1, flush_secs=30)
 
   def write(self, record: dict) -> None:
     step = int(record["round"])
     for key, value in record.items():
-      if key != "round" and isinstance(value, (int, float)) and not isinstance(value, bool) \
-          and math.isfinite(value):
+      if key not in NOT_SCALARS and isinstance(value, (int, float)) \
+          and not isinstance(value, bool) and math.isfinite(value):
         self._writer.add_scalar(key, value, step)
     self._writer.flush()
 
   def close(self) -> None:
     self._writer.close()
+
+
+def _sweep_suffix(values: dict) -> str:
+  return "".join(f"_{k}={v}" for k, v in values.items())
+
+
+class TensorBoardBoards:
+  """Where a run's TensorBoard scalars go: `tensorboard/` itself for a single run; with
+  replicas (fml_jax/replicas.py) one TensorBoard run per replica
+  (`tensorboard/replica_003_seed3_learning_rate=0.05`), whose curves overlaid show the
+  spread, and one per grid point (`tensorboard/mean_learning_rate=0.05`) with the mean
+  across its seeds and each metric's standard deviation as `<metric>_std`."""
+
+  def __init__(self, workdir: Path, first_round: int, replica_set):
+    replicas = replica_set.replicas
+    self._point_of = [r.point for r in replicas]
+    if len(replicas) == 1:
+      self._writers, self._means = [TensorBoardWriter(workdir, first_round)], []
+      return
+    self._writers = [TensorBoardWriter(workdir, first_round,
+                                       f"replica_{r.index:03d}_seed{r.seed}"
+                                       f"{_sweep_suffix(r.values)}") for r in replicas]
+    self._means = [TensorBoardWriter(workdir, first_round, f"mean{_sweep_suffix(values)}")
+                   for values in replica_set.points]
+
+  def write(self, records: list[dict]) -> None:
+    """One record per replica, in replica order, all of one round."""
+    for writer, record in zip(self._writers, records):
+      writer.write(record)
+    for p, writer in enumerate(self._means):
+      members = [r for r, q in zip(records, self._point_of) if q == p]
+      spread = {f"{k}_std": v["std"] for k, v in stats.record_intervals(members).items()
+                if k not in NOT_SCALARS and v["std"] is not None}
+      writer.write({**stats.mean_record(members), **spread, "round": members[0]["round"]})
+
+  def close(self) -> None:
+    for writer in self._writers + self._means:
+      writer.close()
 
 
 def _fmt(value, spec=".4f") -> str:

@@ -17,11 +17,11 @@ import jax
 import numpy as np
 from absl import logging
 
-from fml_jax import config_checks, evaluation, outputs, preflight, reporting
+from fml_jax import config_checks, evaluation, outputs, preflight, reporting, stats
 from fml_jax.checkpoints import Checkpointer
-from fml_jax.algorithms import build_algorithm
 from fml_jax.data import FederatedData, load_federated_data
 from fml_jax.errors import UserError
+from fml_jax.replicas import Replica, ReplicaSet
 from fml_jax.rounds import RoundState, Runner, client_mesh
 
 
@@ -66,7 +66,7 @@ class DivergenceError(UserError):
   """Training produced NaN or inf; the run stopped and kept its last good checkpoint."""
 
 
-def _check_finite(report, r: int, config, checkpointer) -> None:
+def _check_finite(report, r: int, config, checkpointer, who: str = "") -> None:
   if bool(report.all_finite):   # one scalar fetched per round
     return
   finite = np.asarray(report.client_finite)
@@ -77,13 +77,20 @@ def _check_finite(report, r: int, config, checkpointer) -> None:
   kept = (f"the last good checkpoint (round {steps[-1]}) is kept in {checkpointer.directory}"
           if steps else "no checkpoint was saved before it")
   raise DivergenceError(
-      f"round {r}: {config.algorithm} diverged: non-finite loss, parameters or optimizer state "
-      f"{where}; {kept}. Lower learning_rate (now {config.learning_rate}) or check the data")
+      f"round {r}: {config.algorithm}{who} diverged: non-finite loss, parameters or optimizer "
+      f"state {where}; {kept}. Lower learning_rate (now {config.learning_rate}) or check the "
+      "data")
+
+
+def _describe_replica(replica: Replica) -> str:
+  sweep = "".join(f", {k}={v}" for k, v in replica.values.items())
+  return f" (replica {replica.index}: seed {replica.seed}{sweep})"
 
 
 def run(config, workdir: str, overwrite: bool = False) -> dict:
   """Runs the experiment described by `config`, or resumes it from its workdir;
-  returns (and writes) its summary."""
+  returns (and writes) its summary. With `seeds` > 1 or a `sweep`, every replica runs
+  in this one program (fml_jax/replicas.py)."""
   config_checks.validate(config)
   config_dict = json.loads(json.dumps(config.to_dict()))
   path, resuming = outputs.prepare_workdir(workdir, config_dict, overwrite)
@@ -95,98 +102,110 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
       return summary
   start = time.perf_counter()
   data = load_federated_data(config)
-  algorithm = build_algorithm(config, data.num_classes, data.input_shape)
-  runner = Runner(algorithm, data, config.clients_per_round, config.aggregation, config.strategy,
-                  chunk_size=config.chunk_size, mesh=client_mesh(config.mesh_shape),
-                  placement=config.placement)
-  data = runner.data   # replicated over the mesh, if there is one
-  abstract_state = runner.abstract_state(config.seed)
-  traffic = runner.communication(abstract_state)   # bytes per round, from shapes
-  memory = preflight.estimate_memory(runner, abstract_state)
+  replicas = ReplicaSet(config, data, client_mesh(config.mesh_shape))
+  runner, algorithm = replicas.runner, replicas.runner.algorithm
+  data = replicas.data   # replicated over the mesh, if there is one
+  num_replicas = replicas.num_replicas
+  one_state = runner.abstract_state(config.seed)
+  traffic = runner.communication(one_state)   # bytes per round, from shapes
+  memory = preflight.for_replicas(preflight.estimate_memory(runner, one_state), num_replicas,
+                                  vmapped=replicas.strategy == "vmap")
   preflight.check_memory(memory, preflight.available_memory(),
                          preflight.available_host_memory())
+  abstract_state = replicas.abstract_state()
   checkpointer = None
   if config.checkpoint_every > 0:
     preflight.check_disk(path, preflight.tree_bytes(abstract_state), config.checkpoints_to_keep)
     checkpointer = Checkpointer(path / outputs.CHECKPOINT_DIR, config.checkpoint_every,
                                 config.checkpoints_to_keep)
+  # What each replica's metrics lines say about it (nothing for a single run).
+  labels = [r.fields() if num_replicas > 1 else {} for r in replicas.replicas]
   first_round = 0
   if resuming and checkpointer:
-    first_round, state = checkpointer.restore_latest(abstract_state)
+    first_round, restored = checkpointer.restore_latest(abstract_state)
     first_round = first_round or 0
     if first_round > config.num_rounds:
       raise UserError(f"--workdir {workdir} already holds {first_round} rounds, more than "
                       f"num_rounds={config.num_rounds}; raise num_rounds or use another workdir")
     if first_round:
-      state = runner.place(state)
-  warm_record = None
+      states = replicas.from_checkpoint(restored)
+  warm_records = None
   if not first_round:
-    state = runner.init(config.seed)
+    states = replicas.init()
     if algorithm.has_warm_start:   # FedMD's transfer learning, before round 1
       t0 = time.perf_counter()
-      state = runner.warm_start(state)
-      warm_record = {"round": 0, **evaluate(runner, state, data),
-                     "warm_start_seconds": time.perf_counter() - t0}
+      states = replicas.warm_start(states)
+      seconds = time.perf_counter() - t0
+      warm_records = [{"round": 0, **labels[i], **evaluate(replicas.runner_of(i),
+                                                           replicas.state_of(states, i), data),
+                       "warm_start_seconds": seconds} for i in range(num_replicas)]
       logging.info("after transfer learning (no collaboration): personalized acc %.4f, "
-                   "on the global test set %.4f (%.1f s)", warm_record["local_test_acc_mean"],
-                   warm_record.get("client_global_test_acc_mean", float("nan")),
-                   warm_record["warm_start_seconds"])
-      algorithm.after_warm_start(runner, lambda s: evaluate(runner, s, data), warm_record,
+                   "on the global test set %.4f (%.1f s)", warm_records[0]["local_test_acc_mean"],
+                   warm_records[0].get("client_global_test_acc_mean", float("nan")), seconds)
+      algorithm.after_warm_start(runner, lambda s: evaluate(runner, s, data), warm_records[0],
                                  path, config.seed)
-  # A fresh start with a warm start rewrites its round-0 line, so keep nothing before it.
-  keep_up_to = first_round if warm_record is None else -1
+  # A fresh start with a warm start rewrites its round-0 lines, so keep nothing before it.
+  keep_up_to = first_round if warm_records is None else -1
   records = outputs.read_metrics(path, keep_up_to) if resuming else []
   if (path / "summary.json").exists():
     (path / "summary.json").unlink()   # the run is being extended: no longer complete
   logging.info(
       "%s on %s: %d clients (%d per round), %d train / %d test examples, client sizes %d-%d; "
-      "strategy %s on %s, aggregation %s; memory: %s%s", config.algorithm, config.dataset,
+      "strategy %s on %s, aggregation %s%s; memory: %s%s", config.algorithm, config.dataset,
       data.num_clients, config.clients_per_round, data.x_train.shape[0], data.x_test.shape[0],
       int(data.train_n.min()), int(data.train_n.max()), runner.strategy, jax.default_backend(),
-      runner.aggregation, memory.describe(),
-      f"; resuming after round {first_round}" if first_round else "")
+      runner.aggregation,
+      f"; {num_replicas} replicas ({len(replicas.points)} grid points x {config.seeds} seeds), "
+      f"run by {replicas.strategy}" if num_replicas > 1 else "",
+      memory.describe(), f"; resuming after round {first_round}" if first_round else "")
   outputs.atomic_write_json(path / "config.json", config_dict)
   writer = outputs.MetricsWriter(path / "metrics.jsonl")
-  board = reporting.TensorBoardWriter(path, first_round)
-  if warm_record is not None:
-    writer.write(warm_record)
-    board.write(warm_record)
-    records = [warm_record]
+  boards = reporting.TensorBoardBoards(path, first_round, replicas)
+  if warm_records is not None:
+    for record in warm_records:
+      writer.write(record)
+    boards.write(warm_records)
+    records = list(warm_records)
   progress = reporting.Progress(first_round, config.num_rounds)
   round_seconds = []
   try:
     for r in range(first_round + 1, config.num_rounds + 1):
       t0 = time.perf_counter()
-      state, report = runner.run_round(state)
-      _check_finite(report, r, config, checkpointer)   # waits for the round to finish
+      states, reports = replicas.run_round(states)
+      for replica, report in zip(replicas.replicas, reports):   # waits for the round to finish
+        _check_finite(report, r, config, checkpointer,
+                      _describe_replica(replica) if num_replicas > 1 else "")
       round_seconds.append(time.perf_counter() - t0)
+      shown = None
       if r % config.eval_every == 0 or r == config.num_rounds:
-        record = {"round": r, **evaluate(runner, state, data),
-                  **{k: float(v) for k, v in report.metrics.items()},
-                  **traffic, "bytes_up_total": r * traffic["bytes_up"],
-                  "bytes_down_total": r * traffic["bytes_down"],
-                  "round_seconds": round_seconds[-1],
-                  "elapsed_seconds": time.perf_counter() - start}
-        writer.write(record)
-        board.write(record)
-        records.append(record)
-      else:
-        record = None
-      progress.round_done(r, record)
+        evaluated = []
+        for i, report in enumerate(reports):
+          evaluated.append({
+              "round": r, **labels[i],
+              **evaluate(replicas.runner_of(i), replicas.state_of(states, i), data),
+              **{k: float(v) for k, v in report.metrics.items()},
+              **traffic, "bytes_up_total": r * traffic["bytes_up"],
+              "bytes_down_total": r * traffic["bytes_down"],
+              "round_seconds": round_seconds[-1],
+              "elapsed_seconds": time.perf_counter() - start})
+          writer.write(evaluated[-1])
+        boards.write(evaluated)
+        records.extend(evaluated)
+        shown = evaluated[0] if num_replicas == 1 else stats.mean_record(evaluated)
+        if num_replicas > 1:
+          _log_spread(r, replicas, evaluated)
+      progress.round_done(r, shown)
       if checkpointer and checkpointer.should_save(r, config.num_rounds):
-        checkpointer.save(r, state)
+        checkpointer.save(r, replicas.checkpoint_state(states))
   finally:
     progress.close()
     writer.close()
-    board.close()
+    boards.close()
     if checkpointer:
       checkpointer.close()
   steady = round_seconds[1:] or round_seconds or [float("nan")]
-  global_model = algorithm.global_model(state.server)
+  global_model = algorithm.global_model(replicas.state_of(states, 0).server)
   summary = {
-      "final": records[-1],
-      "best_global_test_acc": _best(records, "global_test_acc"),
-      "best_local_test_acc_mean": _best(records, "local_test_acc_mean"),
       "num_rounds": config.num_rounds,
       "resumed_after_round": first_round,
       "first_round_seconds": round_seconds[0] if round_seconds else None,  # includes compiling
@@ -201,8 +220,55 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
       "jax_version": jax.__version__,
       "global_model_params": count_params(global_model[1]) if global_model else 0,
   }
+  if num_replicas == 1:
+    summary.update(final=records[-1], best_global_test_acc=_best(records, "global_test_acc"),
+                   best_local_test_acc_mean=_best(records, "local_test_acc_mean"))
+  else:
+    summary.update(replica_summaries(replicas, records), num_replicas=num_replicas,
+                   replica_strategy=replicas.strategy)
   outputs.atomic_write_json(path / "summary.json", summary)
   return summary
+
+
+def replica_summaries(replicas: ReplicaSet, records: list[dict]) -> dict:
+  """The summary of a multi-replica run: each replica's final record and bests
+  ("replicas"), and per grid point the mean, std and 95% interval across its seeds
+  ("points"); "final" and the bests are the means over the replicas when there is
+  one grid point (no sweep), else None (read "points")."""
+  per_replica = []
+  for replica in replicas.replicas:
+    own = [r for r in records if r.get("replica") == replica.index]
+    per_replica.append({**replica.fields(), "final": own[-1],
+                        "best_global_test_acc": _best(own, "global_test_acc"),
+                        "best_local_test_acc_mean": _best(own, "local_test_acc_mean")})
+  points = []
+  for p, values in enumerate(replicas.points):
+    members = [s for s, r in zip(per_replica, replicas.replicas) if r.point == p]
+    points.append({
+        "sweep": dict(values), "seeds": [m["seed"] for m in members],
+        "replicas": [m["replica"] for m in members],
+        "final": stats.record_intervals([m["final"] for m in members]),
+        **{key: stats.interval([m[key] for m in members])
+           for key in ("best_global_test_acc", "best_local_test_acc_mean")}})
+  single_point = len(points) == 1
+  return {
+      "replicas": per_replica, "points": points,
+      "final": stats.mean_record([m["final"] for m in per_replica]) if single_point else None,
+      **{key: points[0][key]["mean"] if single_point else None
+         for key in ("best_global_test_acc", "best_local_test_acc_mean")}}
+
+
+# The metrics the console summarizes across replicas at every evaluation.
+SPREAD_METRICS = ("global_test_acc", "local_test_acc_mean", "client_global_test_acc_mean")
+
+
+def _log_spread(r: int, replicas: ReplicaSet, evaluated: list[dict]) -> None:
+  for p, values in enumerate(replicas.points):
+    members = [rec for rec, rep in zip(evaluated, replicas.replicas) if rep.point == p]
+    parts = [f"{key} {stats.describe(stats.interval([m.get(key) for m in members]))}"
+             for key in SPREAD_METRICS if any(m.get(key) is not None for m in members)]
+    where = f" {values}" if values else ""
+    logging.info("round %d%s over %d seeds: %s", r, where, len(members), "; ".join(parts))
 
 
 def _best(records: list[dict], key: str):

@@ -8,7 +8,7 @@ from conftest import REPO
 
 # Lowest first. A module's layer is that of the longest prefix listed.
 LAYERS = [
-    ["fml_jax.errors", "fml_jax.settings", "fml_jax.trees"],
+    ["fml_jax.errors", "fml_jax.settings", "fml_jax.trees", "fml_jax.stats"],
     ["fml_jax.tasks", "fml_jax.conv", "fml_jax.schedules", "fml_jax.optimizers",
      "fml_jax.losses", "fml_jax.models", "fml_jax.data", "fml_jax.local_training",
      "fml_jax.outputs", "fml_jax.checkpoints", "fml_jax.reporting", "fml_jax.plot"],
@@ -17,7 +17,7 @@ LAYERS = [
     ["fml_jax.rounds", "fml_jax.preflight"],
     ["fml_jax.algorithms"],
     ["fml_jax.configs"],
-    ["fml_jax.config_checks", "fml_jax.train"],
+    ["fml_jax.config_checks", "fml_jax.replicas", "fml_jax.train"],
     ["fml_jax.main", "fml_jax"],
 ]
 

@@ -20,6 +20,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.algorithm = "fml"             # fml | fedavg | fedprox | local | fedmr | fedmd | fedh2l,
                                   # or your own class as my_module:MyAlgorithm
   c.seed = 0
+  # Replicas in one program (fml_jax/replicas.py): `seeds` federations with seeds seed ..
+  # seed+seeds-1, crossed with a `sweep` grid such as 'learning_rate=0.01,0.05;fml.alpha=0.3,0.5'.
+  c.seeds = 1
+  c.sweep = ""
+  c.replica_strategy = "auto"     # auto | vmap (one program, replica axis) | loop
+  c.data_seed = -1                # seed of the partition / synthetic data; -1: same as seed
   # Data.
   c.dataset = "synthetic"         # synthetic, or a tfds name (mnist, cifar10, ...)
   c.data_dir = ""                 # tfds data_dir; "" = $TFDS_DATA_DIR, then tfds's default

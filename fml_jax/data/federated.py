@@ -127,11 +127,18 @@ def from_client_lists(x_train, y_train, x_test, y_test, train_parts, test_parts,
       max_train=max(int(train_n.max()), 1), max_test=max(int(test_n.max()), 1))
 
 
+def data_seed(config) -> int:
+  """The seed of the data (partition, synthetic dataset, public set): `data_seed`, or
+  `seed` when it is -1. Replicas of one run (fml_jax/replicas.py) share it."""
+  value = config.get("data_seed", -1)
+  return config.seed if value == -1 else value
+
+
 def _synthetic(config) -> FederatedData:
   clients = synthetic.generate(config.num_clients, config.synthetic_alpha, config.synthetic_beta,
-                               seed=config.seed,
+                               seed=data_seed(config),
                                max_examples=config.synthetic_max_client_examples)
-  rng = np.random.default_rng([config.seed, 1])
+  rng = np.random.default_rng([data_seed(config), 1])
   # Each client's held-out share as rows of the generator's one array; the examples are
   # gathered once at the end (no per-client copies: see synthetic.generate).
   train_rows, test_rows, train_parts, test_parts = [], [], [], []
@@ -179,7 +186,7 @@ def load_federated_data(config) -> FederatedData:
   ds = tfds_source.load_image_dataset(config.dataset, config.data_dir)
   x_train, y_train, x_test, y_test = ds.x_train, ds.y_train, ds.x_test, ds.y_test
   num_classes = ds.num_classes
-  public_rng = np.random.default_rng([config.seed, 2])   # the partition's rng stays as it was
+  public_rng = np.random.default_rng([data_seed(config), 2])   # the partition's rng stays as it was
   x_public = y_public = None
   offset = 0   # where the private labels start
   if config.get("public_dataset", ""):
@@ -210,7 +217,7 @@ def load_federated_data(config) -> FederatedData:
     x_train, y_train = x_train[train_rows], relabel[y_train[train_rows]]
     x_test, y_test = x_test[test_rows], relabel[y_test[test_rows]]
     num_classes = offset + len(keep) if offset else num_classes
-  rng = np.random.default_rng(config.seed)
+  rng = np.random.default_rng(data_seed(config))
   train_parts = partition_train_set(config, y_train, rng)
   test_parts = partition.matching_test_split([y_train[p] for p in train_parts], y_test,
                                              num_classes, rng)
@@ -236,7 +243,7 @@ def _finish(config, x_train, y_train, x_test, y_test, train_parts, test_parts, n
   synthetic dataset the public/seed slice is held out here, from the clients' data."""
   if config.dataset == "synthetic" and config.get("public_size", 0):
     rows = partition.draw_examples(y_train, config.public_size, config.public_balanced,
-                                   num_classes, np.random.default_rng([config.seed, 2]))
+                                   num_classes, np.random.default_rng([data_seed(config), 2]))
     train_parts = partition.remove_examples(train_parts, rows, "public_size")
     x_public, y_public = x_train[rows], y_train[rows]
   if config.get("client_max_examples", 0):

@@ -28,6 +28,14 @@ from fml_jax.trees import take_rows
 WARM_START_FOLD = 2**31 - 1
 
 
+def seed_keys(seed) -> tuple[jax.Array, jax.Array]:
+  """(the key the models are initialized from, the run's base key for rounds) of a
+  seed. Raw uint32 keys (not typed keys) so the state stays plain arrays for
+  checkpoints."""
+  init_key, rounds_key = jax.random.split(jax.random.PRNGKey(seed))
+  return init_key, rounds_key
+
+
 class Runner:
   """Rounds of `algorithm` on `data`: `strategy` picks the executor, `placement` the
   store, `mesh` the devices the client axis is split over."""
@@ -82,8 +90,7 @@ class Runner:
   # --- states ---------------------------------------------------------------------------
 
   def _unplaced_init(self, seed: int) -> RoundState:
-    # Raw uint32 keys (not typed keys) so the state stays plain arrays for checkpoints.
-    init_key, rounds_key = jax.random.split(jax.random.PRNGKey(seed))
+    init_key, rounds_key = seed_keys(seed)
     if self.store.init_device() is not None:   # initialize where the population will live
       init_key = jax.device_put(init_key, self.store.init_device())
     server, population = self._init(init_key, tuple(self.groups.sizes))
