@@ -20,6 +20,16 @@ OUT/EXPERIMENT/table.md holds one row per finished run in the folder (final and 
 accuracies, bytes, seconds; runs made by earlier `--only` batches included) and
 OUT/EXPERIMENT/EXPERIMENT.png their curves (`fml_jax.plot`).
 
+`--seeds N` runs every run as N independent federations (seeds seed..seed+N-1, one
+program: `--config.seeds`): the table shows each final metric as mean +- std across
+the seeds, the figure their mean in a band of one std, and OUT/EXPERIMENT/paired.md
+compares every two finished runs that differ only in the algorithm and its settings
+(the sections in ALGORITHM_FIELDS) seed by seed: the paired difference A - B of the
+final accuracies, its 95% Student-t interval, and which run is better when that
+interval excludes 0. Replica seed s of one run and of the other draw the same random
+numbers wherever the two algorithms draw alike, so pairing by seed takes out the spread
+they share and decides with fewer seeds than comparing the two runs' own intervals.
+
 `--quick` runs one representative run of each experiment at a size that takes
 seconds (few clients, rounds and examples; MNIST and MLPs only): what CI runs so
 the scripts cannot rot. Its numbers mean nothing.
@@ -28,7 +38,9 @@ the scripts cannot rot. Its numbers mean nothing.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -36,7 +48,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from fml_jax import plot, settings, train  # noqa: E402  pylint: disable=g-import-not-at-top
+from fml_jax import algorithms, plot, settings  # noqa: E402  pylint: disable=g-import-not-at-top
+from fml_jax import stats, train  # noqa: E402  pylint: disable=g-import-not-at-top
 from fml_jax.configs import default  # noqa: E402  pylint: disable=g-import-not-at-top
 
 # Shared by every run of an experiment unless a run overrides it.
@@ -148,6 +161,13 @@ def quick(overrides: dict) -> dict:
   return o
 
 
+def seeds_overrides(seeds: int) -> dict:
+  """The overrides that make every run `seeds` replicas. One seed is the default, so it
+  adds nothing: run folders made before --seeds keep an identical config.json and are
+  reused."""
+  return {"seeds": seeds} if seeds != 1 else {}
+
+
 def make_config(overrides: dict, data_dir: str):
   c = default.get_config()
   settings.apply_overrides(c, overrides)
@@ -169,13 +189,44 @@ def table_row(name: str, summary: dict) -> str:
           f"{summary['total_seconds']:.0f} |")
 
 
+def _spread(summary: dict | None) -> str:
+  """'0.8123 +- 0.0040' (mean +- std across seeds) of a `fml_jax.stats.interval`."""
+  if not summary or not summary["n"]:
+    return "n/a"
+  if summary["n"] == 1:
+    return f"{summary['mean']:.4f}"
+  return f"{summary['mean']:.4f} +- {summary['std']:.4f}"
+
+
+def point_row(name: str, summary: dict, point: dict) -> str:
+  """`table_row` of one sweep point of a multi-replica run: each cell across its seeds."""
+  final = point["final"]
+  bytes_total = sum((final.get(k) or {}).get("mean") or 0
+                    for k in ("bytes_up_total", "bytes_down_total"))
+  sweep = plot.sweep_label(point["sweep"])
+  label = f"{name}{', ' + sweep if sweep else ''} ({len(point['seeds'])} seeds)"
+  cells = [_spread(final.get("global_test_acc")), _spread(point["best_global_test_acc"]),
+           _spread(final.get("local_test_acc_mean")), _spread(final.get("local_test_acc_min")),
+           _spread(final.get("client_global_test_acc_mean"))]
+  return (f"| {label} | {summary['num_rounds']} | {' | '.join(cells)} | "
+          f"{bytes_total / 1e6:.1f} | {summary['total_seconds']:.0f} |")
+
+
+def table_rows(name: str, summary: dict) -> list[str]:
+  """One row per sweep point of a multi-replica run (one without a sweep), else
+  `table_row`."""
+  if "points" not in summary:
+    return [table_row(name, summary)]
+  return [point_row(name, summary, point) for point in summary["points"]]
+
+
 TABLE_HEADER = ("| run | rounds | global acc | best global | personalized mean | personalized min "
                 "| clients' models on global test | MB sent (up+down) | seconds |\n"
                 "|---|---|---|---|---|---|---|---|---|")
 
 
 def run_experiment(name: str, out: Path, is_quick: bool, data_dir: str = "",
-                   only: list[str] | None = None) -> Path:
+                   only: list[str] | None = None, seeds: int = 1) -> Path:
   runs = EXPERIMENTS[name]()
   if is_quick:
     runs = {k: v for k, v in runs.items() if k in QUICK_RUNS[name]}
@@ -183,7 +234,7 @@ def run_experiment(name: str, out: Path, is_quick: bool, data_dir: str = "",
     runs = {k: v for k, v in runs.items() if k in only}
   folder = out / name
   for run_name, overrides in runs.items():
-    overrides = quick(overrides) if is_quick else overrides
+    overrides = dict(quick(overrides) if is_quick else overrides, **seeds_overrides(seeds))
     workdir = folder / run_name
     t0 = time.perf_counter()
     summary = train.run(make_config(overrides, data_dir), str(workdir))
@@ -193,13 +244,135 @@ def run_experiment(name: str, out: Path, is_quick: bool, data_dir: str = "",
   # The table and figure cover every finished run of the experiment in the folder, so
   # runs made in several `--only` batches end up in one table, in the experiment's order.
   finished = [r for r in EXPERIMENTS[name]() if (folder / r / "summary.json").exists()]
-  rows = [table_row(r, json.loads((folder / r / "summary.json").read_text())) for r in finished]
-  table = folder / "table.md"
-  table.write_text(f"{TABLE_HEADER}\n" + "\n".join(rows) + "\n")
+  table = write_tables(folder, finished, seeds)
   plot.plot_runs([str(folder / r) for r in finished], str(folder / f"{name}.png"), title=name,
                  labels=finished)
   if name == "fedmd":
     _fedmd_party_table(folder, finished)
+  return table
+
+
+# What says which algorithm runs and how it is tuned: two runs that differ in nothing
+# else ran the same federations (data, partition, models, seeds), so their replicas
+# pair by seed.
+ALGORITHM_FIELDS = frozenset({"algorithm", "aggregation", "server", *algorithms.section_defaults()})
+# Where a run keeps its files: never a difference between two runs' results.
+BOOKKEEPING_FIELDS = frozenset({"data_dir", "checkpoint_every", "checkpoints_to_keep"})
+PAIRED_METRICS = ("local_test_acc_mean", "global_test_acc")
+
+
+def flat_fields(config: dict, prefix: str = "") -> dict:
+  """{dotted path: value} of a config.json, its sections flattened ("fml.alpha")."""
+  fields = {}
+  for key, value in config.items():
+    if isinstance(value, dict):
+      fields.update(flat_fields(value, f"{prefix}{key}."))
+    else:
+      fields[f"{prefix}{key}"] = value
+  return fields
+
+
+def differs_only_in_algorithm(config_a: dict, config_b: dict) -> bool:
+  """Whether two runs' configs differ, and only in ALGORITHM_FIELDS (bookkeeping aside)."""
+  a, b = flat_fields(config_a), flat_fields(config_b)
+  missing = object()
+  differing = {k.split(".")[0] for k in a.keys() | b.keys()
+               if a.get(k, missing) != b.get(k, missing)} - BOOKKEEPING_FIELDS
+  return bool(differing) and differing <= ALGORITHM_FIELDS
+
+
+def replica_finals(summary: dict, metric: str) -> dict[int, float]:
+  """{seed: that replica's final `metric`} of a multi-replica summary, finite values
+  only; {} for a single-replica summary (it has no "replicas")."""
+  values = {r["seed"]: r["final"].get(metric) for r in summary.get("replicas", [])}
+  return {seed: v for seed, v in values.items() if v is not None and math.isfinite(v)}
+
+
+def paired_difference(summary_a: dict, summary_b: dict, metric: str) -> dict | None:
+  """The final `metric` of A and B paired by seed, over the seeds where both have it:
+  {"seeds", "mean_a", "mean_b", "difference": `stats.interval` of A - B per seed};
+  None when no seed has it in both."""
+  a, b = replica_finals(summary_a, metric), replica_finals(summary_b, metric)
+  seeds = sorted(a.keys() & b.keys())
+  if not seeds:
+    return None
+  return {"seeds": seeds, "mean_a": sum(a[s] for s in seeds) / len(seeds),
+          "mean_b": sum(b[s] for s in seeds) / len(seeds),
+          "difference": stats.interval([a[s] - b[s] for s in seeds])}
+
+
+def verdict(difference: dict) -> str:
+  """'A better' / 'B better' when the interval of A - B excludes 0, else 'undecided'
+  (always with one seed: its interval is a point and says nothing)."""
+  if difference["n"] >= 2 and difference["low"] > 0:
+    return "A better"
+  if difference["n"] >= 2 and difference["high"] < 0:
+    return "B better"
+  return "undecided"
+
+
+def pairable_seeds(summary: dict) -> list[int]:
+  """The seeds of a multi-replica run without a sweep (one replica per seed); [] for a
+  single-replica run or a sweep (several replicas per seed: no one pairing)."""
+  if len(summary.get("points") or []) != 1:
+    return []
+  return sorted(r["seed"] for r in summary["replicas"])
+
+
+def paired_rows(runs: list[tuple[str, dict, dict]]) -> list[dict]:
+  """Every two of `runs` ((name, config.json, summary.json), in the experiment's order:
+  A is the earlier) that differ only in the algorithm and ran the same seeds, for each
+  of PAIRED_METRICS both have: {"run_a", "run_b", "metric", **paired_difference,
+  "verdict"}."""
+  rows = []
+  for (name_a, config_a, summary_a), (name_b, config_b, summary_b) in itertools.combinations(
+      runs, 2):
+    if not pairable_seeds(summary_a) or pairable_seeds(summary_a) != pairable_seeds(summary_b):
+      continue
+    if not differs_only_in_algorithm(config_a, config_b):
+      continue
+    for metric in PAIRED_METRICS:
+      pair = paired_difference(summary_a, summary_b, metric)
+      if pair:
+        rows.append({"run_a": name_a, "run_b": name_b, "metric": metric, **pair,
+                     "verdict": verdict(pair["difference"])})
+  return rows
+
+
+PAIRED_HEADER = ("| run A | run B | metric | mean A | mean B | paired difference mean | 95% CI "
+                 "| verdict |\n|---|---|---|---|---|---|---|---|")
+
+
+def paired_markdown(rows: list[dict], seeds: int) -> str:
+  """paired.md: the table of `paired_rows`, or why there is none."""
+  if not rows and seeds < 2:
+    return ("Paired differences need --seeds >= 2 (each run as several seeds); this "
+            f"experiment ran with --seeds {seeds}.\n")
+  if not rows:
+    return ("No two finished runs of this experiment differ only in the algorithm (and its "
+            "settings) with the same seeds.\n")
+  lines = []
+  for r in rows:
+    d = r["difference"]
+    lines.append(f"| {r['run_a']} | {r['run_b']} | {r['metric']} | {r['mean_a']:.4f} | "
+                 f"{r['mean_b']:.4f} | {d['mean']:+.4f} | {d['low']:+.4f}..{d['high']:+.4f} "
+                 f"(n={d['n']}) | {r['verdict']} |")
+  return ("Final accuracy of run A minus run B, seed by seed over the seeds both ran, with "
+          "the 95% Student-t interval of the mean difference; a verdict only when that "
+          "interval excludes 0.\n\n"
+          f"{PAIRED_HEADER}\n" + "\n".join(lines) + "\n")
+
+
+def write_tables(folder: Path, runs: list[str], seeds: int) -> Path:
+  """FOLDER/table.md (a row per run, or per sweep point of one) and FOLDER/paired.md
+  (`paired_rows` of the runs) from the finished runs' files; returns table.md's path."""
+  summaries = {r: json.loads((folder / r / "summary.json").read_text()) for r in runs}
+  configs = {r: json.loads((folder / r / "config.json").read_text()) for r in runs}
+  rows = [row for r in runs for row in table_rows(r, summaries[r])]
+  table = folder / "table.md"
+  table.write_text(f"{TABLE_HEADER}\n" + "\n".join(rows) + "\n")
+  (folder / "paired.md").write_text(paired_markdown(
+      paired_rows([(r, configs[r], summaries[r]) for r in runs]), seeds))
   return table
 
 
@@ -237,7 +410,11 @@ def main(argv=None) -> None:
   parser.add_argument("--data_dir", default="", help="tfds data_dir (default $TFDS_DATA_DIR)")
   parser.add_argument("--only", default="", help="comma-separated run names to run")
   parser.add_argument("--list", action="store_true", help="list experiments and runs")
+  parser.add_argument("--seeds", type=int, default=1,
+                      help="replicas (seeds) per run, in one program; >= 2 for paired.md")
   args = parser.parse_args(argv)
+  if args.seeds < 1:
+    parser.error(f"--seeds {args.seeds}: needs at least 1")
   if args.list or not args.experiments:
     for name, make in EXPERIMENTS.items():
       print(f"{name}: {', '.join(make())}")
@@ -247,8 +424,9 @@ def main(argv=None) -> None:
     parser.error(f"unknown experiment(s) {unknown}; choose from {', '.join(EXPERIMENTS)}")
   only = [r.strip() for r in args.only.split(",") if r.strip()]
   for name in args.experiments:
-    table = run_experiment(name, Path(args.out), args.quick, args.data_dir, only)
+    table = run_experiment(name, Path(args.out), args.quick, args.data_dir, only, args.seeds)
     print(table.read_text())
+    print((table.parent / "paired.md").read_text())
 
 
 if __name__ == "__main__":
