@@ -386,13 +386,17 @@ def _fedmd_party_table(folder: Path, runs: list[str]) -> None:
       continue
     b = json.loads(bounds.read_text())
     summary = json.loads((folder / run_name / "summary.json").read_text())
+    # The bounds are computed for the run's first seed (replica 0): compare that replica.
+    last = summary["replicas"][0]["final"] if "replicas" in summary else summary["final"]
+    if "replicas" in summary:
+      run_name = f"{run_name} (seed {summary['replicas'][0]['seed']})"
     alone = b["no_collaboration"]["client_global_test_acc_mean"]
-    final = summary["final"]["client_global_test_acc_mean"]
+    final = last["client_global_test_acc_mean"]
     pooled = b["pooled"]["client_global_test_acc_mean"]
     lines.append(f"| {run_name}: mean over parties | {alone:.4f} | {final:.4f} | {pooled:.4f} | "
                  f"{final - alone:+.4f} |")
     per_party = zip(b["no_collaboration"].get("client_global_test_acc", []),
-                    summary["final"].get("client_global_test_acc", []),
+                    last.get("client_global_test_acc", []),
                     b["pooled"].get("client_global_test_acc", []))
     for party, (a, f, p) in enumerate(per_party):
       lines.append(f"| party {party} | {a:.4f} | {f:.4f} | {p:.4f} | {f - a:+.4f} |")

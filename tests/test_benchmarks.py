@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 
@@ -39,3 +41,22 @@ def test_client_scaling_quick(tmp_path):
   assert result["machine"]["matmul_peak_gflops"] > 0
   table = out.with_suffix(".md").read_text()
   assert "| mlp | 8 | vmap |" in table and "pytorch loop" in table
+
+
+def test_replicas_quick(tmp_path):
+  out = tmp_path / "replicas.json"
+  proc = subprocess.run([sys.executable, "benchmarks/replicas.py", "--quick", f"--out={out}"],
+                        cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "| 2 | vmap | vmap |" in proc.stdout and "| 2 | separate_vmap | vmap |" in proc.stdout
+  result = json.loads(out.read_text())
+  assert sorted(result["replicas"]) == ["1", "2"]
+  for count, row in result["replicas"].items():
+    assert row["separate"]["per_replica_s"] == row["separate"]["median_round_s"]
+    for mode in ("loop", "vmap"):
+      assert row[mode]["rounds_timed"] == 2
+      assert row[mode]["per_replica_s"] * int(count) == pytest.approx(row[mode]["median_round_s"])
+      assert row[mode]["speedup_vs_separate"] == pytest.approx(
+          row["separate"]["per_replica_s"] / row[mode]["per_replica_s"])
+    assert row["vmap"]["speedup_vs_separate_vmap"] == pytest.approx(
+        row["separate_vmap"]["per_replica_s"] / row["vmap"]["per_replica_s"])

@@ -252,3 +252,17 @@ def test_mean_record_averages_numbers_and_leaves_out_the_rest():
   records = [{"round": 3, "acc": 0.5, "global": None, "per_client": [1, 2], "sweep": {}},
              {"round": 3, "acc": 0.7, "global": None, "per_client": [3, 4], "sweep": {}}]
   assert stats.mean_record(records) == {"round": 3.0, "acc": pytest.approx(0.6), "global": None}
+
+
+def test_looped_replicas_with_the_host_store_equal_single_runs():
+  references = []
+  for seed in (0, 1):
+    config = small_config(strategy="vmap", placement="host", seed=seed, data_seed=0)
+    runner = make_runner(config, "vmap", "host")
+    state = runner.init(seed)
+    for _ in range(ROUNDS):
+      state, _ = runner.run_round(state)
+    references.append(jax.device_get(state))
+  config = small_config(strategy="vmap", placement="host", seeds=2, replica_strategy="loop")
+  for state, reference in zip(replica_runs(config), references):
+    assert_states_equal(state, reference, exact=True)
