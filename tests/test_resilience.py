@@ -235,3 +235,17 @@ def test_disk_preflight_refuses_with_numbers(tmp_path, monkeypatch):
     train.run(small_config(num_rounds=1), str(tmp_path))
   # Without checkpoints there is nothing to store.
   train.run(small_config(num_rounds=1, checkpoint_every=0), str(tmp_path / "b"))
+
+
+def test_memory_preflight_counts_every_replica():
+  """Replicas hold one state each; looped they share one round's working memory,
+  vmapped every replica's round is live at once."""
+  one = preflight.MemoryEstimate(state_bytes=3 * 2**20, population_bytes=2 * 2**20,
+                                 per_client_bytes=2**10, round_bytes=5 * 2**20,
+                                 num_clients=2048, data_bytes=2**20)
+  looped = preflight.for_replicas(one, 4, vmapped=False)
+  vmapped = preflight.for_replicas(one, 4, vmapped=True)
+  assert looped.device_bytes == (4 * 3 + 5 + 1) * 2**20
+  assert vmapped.device_bytes == (4 * 3 + 4 * 5 + 1) * 2**20
+  assert "2048 clients x 1.00 KiB x 4 replicas" in looped.describe()
+  assert preflight.for_replicas(one, 1, vmapped=True) == one
