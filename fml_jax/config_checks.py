@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ml_collections import ConfigDict
 
-from fml_jax import algorithms, replicas, settings
+from fml_jax import algorithms, privacy, replicas, settings
 from fml_jax.algorithms import aggregation
 from fml_jax.algorithms.client_models import split_list
 from fml_jax.configs import default
@@ -20,6 +20,7 @@ from fml_jax.errors import ConfigError
 from fml_jax.models import MODELS, STATEFUL_MODELS
 from fml_jax.optimizers import OPTIMIZERS
 from fml_jax.rounds import AGGREGATIONS, PLACEMENTS, STRATEGIES
+from fml_jax.rounds.availability import STRAGGLER_POLICIES
 
 
 def field_paths(config, prefix: str = "") -> list[str]:
@@ -82,6 +83,8 @@ def validate(config) -> None:
   if cls.needs_public_data and not config.public_dataset and config.public_size < 1:
     raise ConfigError("public_size", f"{cls.name} needs a public (seed) set: set public_size to "
                       "the number of training examples to hold out for it (or public_dataset)")
+  _check_availability(config, cls)
+  privacy.check_dp_settings(config, cls)
   aggregation.check_server_settings(config)
   if not cls.uses_server_optimizer and not aggregation.is_plain_average(config.server):
     raise ConfigError("server.optimizer", f"{cls.name} averages no models, so it has no server "
@@ -92,6 +95,19 @@ def validate(config) -> None:
       other.check_config(config)
   _check_generic(config)
   replicas.check_replica_settings(config)
+
+
+def _check_availability(config, cls) -> None:
+  settings.number(config, "dropout_rate", 0, 1, high_open=True)
+  settings.number(config, "straggler_rate", 0, 1)
+  settings.number(config, "straggler_min_work", 0, 1, low_open=True)
+  settings.choice(config, "straggler_policy", STRAGGLER_POLICIES)
+  for field in ("dropout_rate", "straggler_rate"):
+    if config[field] and not cls.supports_availability:
+      raise ConfigError(field, f"{cls.name} does not model unreliable clients (its server "
+                        "does not weigh uploads by the round's weights, or its clients do not "
+                        f"train through Algorithm.train); those that do: "
+                        f"{_names_with('supports_availability')}")
 
 
 def _names_with(capability: str) -> str:

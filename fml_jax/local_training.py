@@ -38,7 +38,8 @@ def epoch_order(key: jax.Array, num_slots: int, count: jax.Array) -> jax.Array:
 
 def run_local_steps(step_fn: StepFn, carry: Any, data, train_idx: jax.Array,
                     train_n: jax.Array, key: jax.Array, local_epochs: int,
-                    batch_size: int, min_examples: int = 0) -> tuple[Any, dict]:
+                    batch_size: int, min_examples: int = 0,
+                    work: jax.Array | None = None) -> tuple[Any, dict]:
   """Trains `carry` for `local_epochs` over one client's examples.
 
   Args:
@@ -52,6 +53,9 @@ def run_local_steps(step_fn: StepFn, carry: Any, data, train_idx: jax.Array,
       many batches per epoch as the row does, no step can be past the client's data,
       so steps run unmasked: under vmap a masked step is a select over the whole
       carry, a full extra pass over every client's state per step.
+    work: () the share of its steps a straggler completes (None: all). It takes the
+      first max(floor(work * steps), 1) of the steps it would take; later ones are
+      masked like steps past its data.
 
   Returns:
     The trained carry and each metric averaged over the steps actually taken.
@@ -71,13 +75,21 @@ def run_local_steps(step_fn: StepFn, carry: Any, data, train_idx: jax.Array,
     y = data.y_train[examples]
     return step_fn(carry, x, y, valid, jax.random.fold_in(step_key, t))
 
+  # A straggler's budget counts the steps it would really take (not masked ones).
+  if work is not None:
+    own_steps = local_epochs * steps_per_epoch(train_n, batch_size)
+    limit = jnp.maximum(jnp.floor(work * own_steps), 1).astype(jnp.int32)
+
   def body(carry, t):
     epoch, batch = t // per_epoch, t % per_epoch
     slots = jax.lax.dynamic_slice(orders[epoch], (batch * batch_size,), (batch_size,))
-    if steps_per_epoch(min_examples, batch_size) >= per_epoch:
+    if work is None and steps_per_epoch(min_examples, batch_size) >= per_epoch:
       carry, metrics = take_step(carry, slots, t)
       return carry, (metrics, jnp.array(True))
     active = batch * batch_size < train_n
+    if work is not None:   # steps taken so far: full epochs, then this epoch's batches
+      taken = epoch * steps_per_epoch(train_n, batch_size) + batch
+      active = active & (taken < limit)
     metrics_shape = jax.eval_shape(take_step, carry, slots, t)[1]
     skip = lambda c, s, t: (c, jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metrics_shape))
     carry, metrics = jax.lax.cond(active, take_step, skip, carry, slots, t)

@@ -23,7 +23,10 @@ CHECKPOINT_DIR = "checkpoints"
 RESUMABLE_FIELDS = ("num_rounds", "eval_every", "checkpoint_every", "checkpoints_to_keep")
 # Fields added after runs were written: absent from an older run's config.json, they had
 # this value (so the older run still resumes).
-ADDED_FIELDS = {"seeds": 1, "sweep": "", "replica_strategy": "auto", "data_seed": -1}
+ADDED_FIELDS = {"seeds": 1, "sweep": "", "replica_strategy": "auto", "data_seed": -1,
+                "dropout_rate": 0.0, "straggler_rate": 0.0, "straggler_min_work": 0.1,
+                "straggler_policy": "keep", "dp_clip": 0.0, "dp_noise_multiplier": 1.0,
+                "dp_delta": 1e-5}
 
 
 def _jsonable(value):

@@ -21,6 +21,7 @@ from fml_jax import config_checks, evaluation, outputs, preflight, reporting, st
 from fml_jax.checkpoints import Checkpointer
 from fml_jax.data import FederatedData, load_federated_data
 from fml_jax.errors import UserError
+from fml_jax.privacy import PrivacyAccountant
 from fml_jax.replicas import Replica, ReplicaSet
 from fml_jax.rounds import RoundState, Runner, client_mesh
 
@@ -167,6 +168,7 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
     boards.write(warm_records)
     records = list(warm_records)
   progress = reporting.Progress(first_round, config.num_rounds)
+  accountant = PrivacyAccountant.from_config(config)   # DP-FedAvg's epsilon per round
   round_seconds = []
   try:
     for r in range(first_round + 1, config.num_rounds + 1):
@@ -186,6 +188,7 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
               **{k: float(v) for k, v in report.metrics.items()},
               **traffic, "bytes_up_total": r * traffic["bytes_up"],
               "bytes_down_total": r * traffic["bytes_down"],
+              **({"dp_epsilon": accountant.epsilon(r)} if accountant else {}),
               "round_seconds": round_seconds[-1],
               "elapsed_seconds": time.perf_counter() - start})
           writer.write(evaluated[-1])

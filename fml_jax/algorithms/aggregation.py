@@ -77,23 +77,53 @@ def make_server_optimizer(server) -> optax.GradientTransformation:
   return optax.adagrad(lr, initial_accumulator_value=0.0, eps=server.eps)
 
 
-class ServerOptimizer:
-  """Applies the `server` section's optimizer to the averaged uploads."""
+def private_mean(params, uploads, clip: float, noise_multiplier: float, key: jax.Array):
+  """DP-FedAvg's average (McMahan et al. 2018; fml_jax/privacy.py accounts for it):
+  each client's update (upload - params) clipped to L2 norm `clip` over all its
+  leaves, summed, Gaussian noise of std noise_multiplier * clip added to the sum, the
+  sum divided by the cohort size and added to `params`. Returns (that mean, the share
+  of updates that were clipped)."""
+  deltas = jax.tree.map(lambda u, p: u - p, uploads, params)
+  leaves, treedef = jax.tree.flatten(deltas)
+  norms = jnp.sqrt(sum(jnp.sum(jnp.square(d.reshape(d.shape[0], -1)), axis=1) for d in leaves))
+  scale = jnp.minimum(1.0, clip / jnp.maximum(norms, 1e-12))
+  k = norms.shape[0]
+  keys = jax.random.split(key, len(leaves))
+  noisy = [(jnp.tensordot(scale.astype(d.dtype), d, axes=1)
+            + noise_multiplier * clip * jax.random.normal(leaf_key, d.shape[1:], d.dtype)) / k
+           for d, leaf_key in zip(leaves, keys)]
+  mean = jax.tree.map(jnp.add, params, jax.tree.unflatten(treedef, noisy))
+  return mean, jnp.mean((norms > clip).astype(jnp.float32))
 
-  def __init__(self, server_settings):
+
+class ServerOptimizer:
+  """Applies the `server` section's optimizer to the averaged uploads; with `dp_clip`
+  the average is DP-FedAvg's clipped and noised one (`private_mean`)."""
+
+  def __init__(self, server_settings, dp_clip: float = 0.0, dp_noise_multiplier: float = 0.0):
     self.plain = is_plain_average(server_settings)
     self.transform = None if self.plain else make_server_optimizer(server_settings)
+    self.dp_clip, self.dp_noise_multiplier = dp_clip, dp_noise_multiplier
+
+  @classmethod
+  def from_config(cls, config) -> "ServerOptimizer":
+    return cls(config.server, config.get("dp_clip", 0.0), config.get("dp_noise_multiplier", 0.0))
 
   def init(self, params) -> dict:
     """The server-state entries the optimizer adds (none for the plain average)."""
     return {} if self.plain else {"server_opt_state": self.transform.init(params)}
 
-  def step(self, params, server_state: dict, uploads, weights) -> tuple:
+  def step(self, params, server_state: dict, uploads, weights, key=None) -> tuple:
     """(new params, the optimizer's new server-state entries, metrics) from the cohort's
-    stacked `uploads` (parameter-shaped) and their weights."""
-    mean = weighted_mean(uploads, weights)
+    stacked `uploads` (parameter-shaped) and their weights; `key` draws DP's noise."""
+    metrics = {}
+    if self.dp_clip:   # uniform weights (checked in fml_jax/privacy.py)
+      mean, metrics["dp_clipped_share"] = private_mean(params, uploads, self.dp_clip,
+                                                       self.dp_noise_multiplier, key)
+    else:
+      mean = weighted_mean(uploads, weights)
     pseudo_gradient = jax.tree.map(jnp.subtract, params, mean)
-    metrics = {"server_update_norm": optax.tree.norm(pseudo_gradient)}
+    metrics["server_update_norm"] = optax.tree.norm(pseudo_gradient)
     if self.plain:
       return mean, {}, metrics
     updates, opt_state = self.transform.update(pseudo_gradient, server_state["server_opt_state"],

@@ -24,6 +24,8 @@ class FedAvg(Algorithm):
   name = "fedavg"
   default_aggregation = "weighted"   # McMahan et al. weight by client example count
   averages_models = True
+  supports_availability = True
+  supports_dp = True
   uses_server_optimizer = True
 
   @classmethod
@@ -34,7 +36,7 @@ class FedAvg(Algorithm):
     super().__init__(config, num_classes, input_shape)
     self.model = build_model(config.model, num_classes, input_shape, "model")
     self.optimizer = make_optimizer(config)
-    self.server_optimizer = ServerOptimizer(config.server)
+    self.server_optimizer = ServerOptimizer.from_config(config)
     self.prox_mu = 0.0
 
   def init(self, key, group_sizes):
@@ -53,7 +55,8 @@ class FedAvg(Algorithm):
 
   def server_update(self, server_state, uploads, context):
     params, opt_state, metrics = self.server_optimizer.step(server_state["params"], server_state,
-                                                            uploads, context.weights)
+                                                            uploads, context.weights,
+                                                            context.key)
     return {"params": params, **opt_state}, metrics
 
   def broadcast(self, server_state):

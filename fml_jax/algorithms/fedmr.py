@@ -101,7 +101,7 @@ class FedMR(Algorithm):
     super().__init__(config, num_classes, input_shape)
     self.model = build_model(config.model, num_classes, input_shape, "model")
     self.optimizer = make_optimizer(config)
-    self.server_optimizer = ServerOptimizer(config.server)
+    self.server_optimizer = ServerOptimizer.from_config(config)
     self.num_slots = config.clients_per_round
     self.keeps_optimizer_state = self.settings.optimizer_state != "reset"
 

@@ -62,6 +62,8 @@ class FML(ClientModelsAlgorithm):
   averages_models = True
   uses_server_optimizer = True
   supports_client_tasks = True
+  supports_availability = True
+  supports_dp = True
   supports_catfish = True
 
   @classmethod
@@ -86,7 +88,7 @@ class FML(ClientModelsAlgorithm):
     super().__init__(config, num_classes, input_shape)
     self.meme_model = build_model(config.model, num_classes, input_shape, "model")
     self.schedules = balance_schedules(self.settings)
-    self.server_optimizer = ServerOptimizer(config.server)
+    self.server_optimizer = ServerOptimizer.from_config(config)
 
   def init(self, key, group_sizes):
     params = init_params(self.meme_model, global_model_key(key), self.input_shape)
@@ -130,7 +132,8 @@ class FML(ClientModelsAlgorithm):
 
   def server_update(self, server_state, uploads, context):
     params, opt_state, metrics = self.server_optimizer.step(server_state["params"], server_state,
-                                                            uploads, context.weights)
+                                                            uploads, context.weights,
+                                                            context.key)
     return {"params": params, **opt_state}, metrics
 
   def broadcast(self, server_state):

@@ -19,6 +19,7 @@ class LocalOnly(ClientModelsAlgorithm):
   name = "local"
   supports_client_tasks = True
   supports_catfish = True
+  supports_availability = True   # a client that drops keeps its model as it was
 
   @classmethod
   def small_overrides(cls):

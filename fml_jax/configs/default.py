@@ -53,6 +53,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.clients_per_round = 10
   c.num_rounds = 30
   c.aggregation = "auto"          # auto (fml: uniform, fedavg/fedprox: weighted) | uniform | weighted
+  # Unreliable clients (fml_jax/rounds/availability.py), drawn per sampled client per round:
+  c.dropout_rate = 0.0            # fails to report: weight 0, its state unchanged
+  c.straggler_rate = 0.0          # completes only a share of its local steps ...
+  c.straggler_min_work = 0.1      # ... uniform in [this, 1)
+  c.straggler_policy = "keep"     # keep (partial work aggregated, FedProx) | drop (as a dropout)
+  # DP-FedAvg (McMahan et al. 2018; fml_jax/privacy.py): clip each client's update to this
+  # L2 norm (0: off), add Gaussian noise of std dp_noise_multiplier * dp_clip to the sum;
+  # the metrics report epsilon at dp_delta (dp-accounting's RDP accountant).
+  c.dp_clip = 0.0
+  c.dp_noise_multiplier = 1.0
+  c.dp_delta = 1e-5
   # Local training.
   c.local_epochs = 2
   c.batch_size = 32

@@ -78,6 +78,12 @@ class Algorithm(abc.ABC):
   needs_public_data: bool = False        # a public / seed set (public_size or public_dataset)
   supports_client_tasks: bool = False    # client_tasks other than the dataset's own
   supports_catfish: bool = False         # catfish_clients
+  # dropout_rate / straggler_rate (rounds/availability.py): the server weighs uploads by
+  # `context.weights` and clients train through `Algorithm.train`.
+  supports_availability: bool = False
+  # DP-FedAvg (dp_clip; fml_jax/privacy.py): its server averages parameter uploads through
+  # `ServerOptimizer.step`, passing the round's key.
+  supports_dp: bool = False
   # Whether evaluation also scores every client's own model on the whole global test
   # set (methods that aim at models good on the whole distribution: FedMD, FedH2L).
   evaluates_clients_on_global_test: bool = False
@@ -167,4 +173,4 @@ class Algorithm(abc.ABC):
     """Runs this algorithm's step over the client's local epochs (shared machinery)."""
     return run_local_steps(step_fn, carry, data, client.train_idx, client.train_n, client.key,
                            self.config.local_epochs, self.config.batch_size,
-                           min_examples=data.min_train)
+                           min_examples=data.min_train, work=client.work)

@@ -25,11 +25,18 @@ import jax
 import jax.numpy as jnp
 
 from fml_jax.rounds.algorithm import Algorithm
+from fml_jax.rounds.availability import Availability
 from fml_jax.rounds.sampling import Groups
 from fml_jax.rounds.types import ClientResult, Cohort, RoundContext, RoundReport, RoundState
 from fml_jax.trees import concat_clients, tree_is_finite
 
 AGGREGATIONS = ("auto", "uniform", "weighted")
+
+
+def keep_where(mask: jax.Array, new, old):
+  """Per client (leading axis): `new` where `mask`, else `old`."""
+  return jax.tree.map(lambda n, o: jnp.where(mask.reshape((-1,) + (1,) * (n.ndim - 1)), n, o),
+                      new, old)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -39,6 +46,7 @@ class RoundProtocol:
   aggregation: str       # "uniform" | "weighted" (resolved from "auto")
   executor: Any          # executors.Executor
   store: Any             # stores.Store
+  availability: Optional[Availability] = None   # dropouts and stragglers (None: none)
 
   def begin(self, state: RoundState, data, slots: Optional[tuple] = None):
     """(per-group cohorts without their state, the round's context). `slots`: the
@@ -47,9 +55,14 @@ class RoundProtocol:
     client_key = jax.random.fold_in(round_key, 1)
     if slots is None:
       slots = self.groups.sample(state.key, state.round)
-    cohorts, offset = [], 0
+    cohorts, reports, offset = [], [], 0
     for g, k in enumerate(self.groups.cohort_sizes):
       clients = self.groups.client_infos(g, slots[g], data, client_key, state.round, offset)
+      if self.availability is not None:
+        group_reports, work = self.availability.draw(round_key, clients.id)
+        reports.append(group_reports)
+        if self.availability.has_stragglers:
+          clients = clients.replace(work=work)
       cohorts.append(Cohort(clients=clients, slots=slots[g]))
       offset += k
     everyone = concat_clients([c.clients for c in cohorts])
@@ -57,8 +70,13 @@ class RoundProtocol:
       weights = everyone.train_n.astype(jnp.float32)
     else:
       weights = jnp.ones(everyone.id.shape, jnp.float32)
-    context = RoundContext(round=state.round, clients=everyone, weights=weights / jnp.sum(weights),
-                           key=jax.random.fold_in(round_key, 2))
+    reports = jnp.concatenate(reports) if reports else None
+    if reports is not None:   # clients that did not report weigh nothing
+      weights = jnp.where(reports, weights, 0.0)
+    total = jnp.sum(weights)
+    context = RoundContext(round=state.round, clients=everyone,
+                           weights=weights / jnp.where(total > 0, total, 1.0),
+                           key=jax.random.fold_in(round_key, 2), reports=reports)
     return tuple(cohorts), context
 
   def client_states(self, state: RoundState, cohorts: tuple) -> tuple:
@@ -81,11 +99,34 @@ class RoundProtocol:
 
   def finish(self, state: RoundState, server, cohorts: tuple, context: RoundContext,
              results: tuple[ClientResult, ...]) -> tuple[RoundState, RoundReport]:
-    population = tuple(self.store.put(g, state.population[g], c.slots, r.client_state)
-                       for g, (c, r) in enumerate(zip(cohorts, results)))
+    population, offset = [], 0
+    for g, (c, r) in enumerate(zip(cohorts, results)):
+      new, k = r.client_state, self.groups.cohort_sizes[g]
+      if context.reports is not None:   # a client that did not report keeps its old state
+        old = self.store.take(g, state.population[g], c.slots)
+        new = keep_where(context.reports[offset:offset + k], new, old)
+      population.append(self.store.put(g, state.population[g], c.slots, new))
+      offset += k
+    population = tuple(population)
     uploads = concat_clients([r.upload for r in results])
-    metrics = jax.tree.map(jnp.mean, concat_clients([r.metrics for r in results]))
-    server, server_metrics = self.algorithm.server_update(server, uploads, context)
+    client_metrics = concat_clients([r.metrics for r in results])
+    if context.reports is None:
+      metrics = jax.tree.map(jnp.mean, client_metrics)
+    else:   # the means of the clients that reported
+      count = jnp.maximum(jnp.sum(context.reports), 1)
+      metrics = jax.tree.map(lambda m: jnp.sum(jnp.where(context.reports, m, 0.0)) / count,
+                             client_metrics)
+    new_server, server_metrics = self.algorithm.server_update(server, uploads, context)
+    if context.reports is not None:   # nobody reported: the server state stays as it was
+      anyone = jnp.any(context.reports)
+      new_server = jax.tree.map(lambda n, o: jnp.where(anyone, n, o), new_server, server)
+      straggling = (jnp.sum(context.clients.work < 1.0) if context.clients.work is not None
+                    else jnp.int32(0))
+      server_metrics = {**server_metrics,
+                        "clients_dropped": jnp.sum(~context.reports).astype(jnp.float32),
+                        "clients_straggling": straggling.astype(jnp.float32),
+                        "round_skipped": (~anyone).astype(jnp.float32)}
+    server = new_server
     # The divergence guard: one flag per client and one for the round, reduced on device.
     client_finite = jnp.concatenate([jax.vmap(tree_is_finite)(
         (r.metrics, r.upload, r.client_state)) for r in results])

@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 from fml_jax.errors import ConfigError
 from fml_jax.rounds import plan as plans
 from fml_jax.rounds.algorithm import Algorithm
+from fml_jax.rounds.availability import Availability
 from fml_jax.rounds.executors import CPU_VMAP_MAX_STEPS, Vmap, choose_executor
 from fml_jax.rounds.protocol import AGGREGATIONS, RoundProtocol
 from fml_jax.rounds.sampling import Groups
@@ -56,7 +57,8 @@ class Runner:
     self.store = make_store(placement, self.groups, mesh)
     self.data = self.store.place_data(data)
     self._init = jax.jit(algorithm.init, static_argnums=1)   # thousands of models: not eagerly
-    protocol = RoundProtocol(algorithm, self.groups, self.aggregation, Vmap(), self.store)
+    protocol = RoundProtocol(algorithm, self.groups, self.aggregation, Vmap(), self.store,
+                             Availability.from_config(algorithm.config))
     executor = choose_executor(strategy, chunk_size, lambda: self._cpu_prefers_vmap(protocol))
     self.protocol = dataclasses.replace(protocol, executor=executor)
     self._round = self.store.wrap(executor.build_round(self.protocol), self.data)

@@ -37,6 +37,9 @@ class ClientInfo:
   train_n: jax.Array    # () how many entries of the row are real
   key: jax.Array        # its PRNG key for this round (depends on round and id only)
   round: jax.Array      # () int32, 0-based index of the round being run
+  # () float32, the share of its local steps it completes (a straggler: below 1;
+  # rounds/availability.py); None when every client completes all of them.
+  work: Any = None
 
 
 @flax.struct.dataclass
@@ -44,8 +47,12 @@ class RoundContext:
   """What the server sees when it updates at the end of a round."""
   round: jax.Array      # () int32, 0-based index of the round that just ran
   clients: ClientInfo   # the cohort, leading axis k
-  weights: jax.Array    # (k,) aggregation weights, summing to 1
+  weights: jax.Array    # (k,) aggregation weights, summing to 1 (0 for clients that
+                        # did not report; all 0 if none did)
   key: jax.Array        # PRNG key for the server's own randomness this round
+  # (k,) bool: the client's upload reached the server (rounds/availability.py); None
+  # when every client always reports.
+  reports: Any = None
 
 
 @flax.struct.dataclass
