@@ -17,6 +17,7 @@ from fml_jax.algorithms.fedmd import FedMD
 from fml_jax.algorithms.fedmr import FedMR
 from fml_jax.algorithms.fml import FML
 from fml_jax.algorithms.local import LocalOnly
+from fml_jax.algorithms.scaffold import Scaffold
 from fml_jax.errors import ConfigError
 from fml_jax.rounds.algorithm import Algorithm
 
@@ -35,7 +36,7 @@ def register(cls: type) -> type:
 
 # The package's own algorithms: their sections make up fml_jax/configs/default.py. One
 # registered later (module:Class) brings its section into the configs that run it only.
-BUILTIN = (FML, FedAvg, FedProx, LocalOnly, FedMR, FedMD, FedH2L)
+BUILTIN = (FML, FedAvg, FedProx, LocalOnly, FedMR, FedMD, FedH2L, Scaffold)
 for _cls in BUILTIN:
   register(_cls)
 
