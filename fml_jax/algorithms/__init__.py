@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import importlib
 
+from fml_jax.algorithms.ditto import Ditto
 from fml_jax.algorithms.fedavg import FedAvg, FedProx
 from fml_jax.algorithms.fedh2l import FedH2L
 from fml_jax.algorithms.fedmd import FedMD
 from fml_jax.algorithms.fedmr import FedMR
+from fml_jax.algorithms.fedrep import FedRep
 from fml_jax.algorithms.fml import FML
 from fml_jax.algorithms.local import LocalOnly
 from fml_jax.algorithms.scaffold import Scaffold
@@ -36,7 +38,7 @@ def register(cls: type) -> type:
 
 # The package's own algorithms: their sections make up fml_jax/configs/default.py. One
 # registered later (module:Class) brings its section into the configs that run it only.
-BUILTIN = (FML, FedAvg, FedProx, LocalOnly, FedMR, FedMD, FedH2L, Scaffold)
+BUILTIN = (FML, FedAvg, FedProx, LocalOnly, FedMR, FedMD, FedH2L, Scaffold, Ditto, FedRep)
 for _cls in BUILTIN:
   register(_cls)
 
