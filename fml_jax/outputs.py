@@ -21,12 +21,6 @@ RUN_FILES = ("config.json", "metrics.jsonl", "summary.json")
 CHECKPOINT_DIR = "checkpoints"
 # Fields that may change when a run is resumed: they do not change what a round computes.
 RESUMABLE_FIELDS = ("num_rounds", "eval_every", "checkpoint_every", "checkpoints_to_keep")
-# Fields added after runs were written: absent from an older run's config.json, they had
-# this value (so the older run still resumes).
-ADDED_FIELDS = {"seeds": 1, "sweep": "", "replica_strategy": "auto", "data_seed": -1,
-                "dropout_rate": 0.0, "straggler_rate": 0.0, "straggler_min_work": 0.1,
-                "straggler_policy": "keep", "dp_clip": 0.0, "dp_noise_multiplier": 1.0,
-                "dp_delta": 1e-5}
 
 
 def _jsonable(value):
@@ -60,21 +54,24 @@ def _flat(config: dict, prefix: str = "") -> dict:
   return flat
 
 
-def config_differences(old: dict, new: dict) -> list[str]:
+def config_differences(old: dict, new: dict, defaults: dict | None = None) -> list[str]:
   """'field: old -> new' for every field that differs (sections' fields by their dotted
-  path, e.g. fml.alpha), except RESUMABLE_FIELDS."""
-  old, new = {**ADDED_FIELDS, **_flat(old)}, _flat(new)
+  path, e.g. fml.alpha), except RESUMABLE_FIELDS. A field the old config lacks (it was
+  added to fml_jax later, e.g. a new algorithm's section) had its value in `defaults`."""
+  old, new = {**_flat(defaults or {}), **_flat(old)}, _flat(new)
   fields = sorted((set(old) | set(new)) - set(RESUMABLE_FIELDS))
   return [f"{f}: {old.get(f, '(absent)')!r} -> {new.get(f, '(absent)')!r}"
           for f in fields if old.get(f) != new.get(f)]
 
 
-def prepare_workdir(workdir: str, config: dict, overwrite: bool) -> tuple[Path, bool]:
+def prepare_workdir(workdir: str, config: dict, overwrite: bool,
+                    defaults: dict | None = None) -> tuple[Path, bool]:
   """Creates or checks the workdir; returns (path, whether an earlier run is to be resumed).
 
   A workdir holding a run of the same config (RESUMABLE_FIELDS aside) is resumed;
   one holding a different run is refused with the differing fields, unless
-  `overwrite`, which deletes the earlier run's files and checkpoints.
+  `overwrite`, which deletes the earlier run's files and checkpoints. `defaults` (the
+  default config) stands in for fields an older run's config.json lacks.
   """
   path = Path(workdir).expanduser()
   try:
@@ -103,7 +100,7 @@ def prepare_workdir(workdir: str, config: dict, overwrite: bool) -> tuple[Path, 
   except (OSError, ValueError) as e:
     raise UserError(f"--workdir {workdir}: config.json is unreadable ({e}); choose another "
                     "workdir, or pass --overwrite to replace the run") from None
-  diff = config_differences(old, config)
+  diff = config_differences(old, config, defaults)
   if diff:
     raise UserError(f"--workdir {workdir} holds a run with a different config ({'; '.join(diff)}); "
                     "choose another workdir, or pass --overwrite to replace it")

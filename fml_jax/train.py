@@ -19,6 +19,7 @@ from absl import logging
 
 from fml_jax import config_checks, evaluation, outputs, preflight, reporting, stats
 from fml_jax.checkpoints import Checkpointer
+from fml_jax.configs import default as default_config
 from fml_jax.data import FederatedData, load_federated_data
 from fml_jax.errors import UserError
 from fml_jax.privacy import PrivacyAccountant
@@ -94,7 +95,9 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
   in this one program (fml_jax/replicas.py)."""
   config_checks.validate(config)
   config_dict = json.loads(json.dumps(config.to_dict()))
-  path, resuming = outputs.prepare_workdir(workdir, config_dict, overwrite)
+  # Fields fml_jax gained after an older run was written count as their defaults.
+  defaults = json.loads(json.dumps(default_config.get_config().to_dict()))
+  path, resuming = outputs.prepare_workdir(workdir, config_dict, overwrite, defaults)
   if resuming and (path / "summary.json").exists():
     summary = json.loads((path / "summary.json").read_text())
     if summary.get("num_rounds") == config.num_rounds:

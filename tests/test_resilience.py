@@ -249,3 +249,20 @@ def test_memory_preflight_counts_every_replica():
   assert vmapped.device_bytes == (4 * 3 + 4 * 5 + 1) * 2**20
   assert "2048 clients x 1.00 KiB x 4 replicas" in looped.describe()
   assert preflight.for_replicas(one, 1, vmapped=True) == one
+
+
+def test_a_run_written_before_fields_were_added_still_resumes(tmp_path):
+  """An older run's config.json lacks fields fml_jax gained since (a new algorithm's
+  section, the replicas' settings): they count as their defaults, so it resumes."""
+  config = small_config(num_rounds=1, checkpoint_every=1)
+  train.run(config, str(tmp_path))
+  old = json.loads((tmp_path / "config.json").read_text())
+  for field in ("ditto", "seeds", "dp_clip"):
+    del old[field]
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  config.num_rounds = 2
+  assert train.run(config, str(tmp_path))["resumed_after_round"] == 1
+  # A field that differs from its default is still a different run.
+  changed = small_config(num_rounds=2, checkpoint_every=1, seeds=2)
+  with pytest.raises(UserError, match=r"seeds: 1 -> 2"):
+    train.run(changed, str(tmp_path))

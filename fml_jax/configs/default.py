@@ -17,7 +17,8 @@ from fml_jax.algorithms import aggregation
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # What to run.
-  c.algorithm = "fml"             # fml | fedavg | fedprox | local | fedmr | fedmd | fedh2l,
+  c.algorithm = "fml"             # fml | fedavg | fedprox | local | fedmr | fedmd | fedh2l |
+                                  # scaffold | ditto | fedrep,
                                   # or your own class as my_module:MyAlgorithm
   c.seed = 0
   # Replicas in one program (fml_jax/replicas.py): `seeds` federations with seeds seed ..
