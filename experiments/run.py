@@ -11,6 +11,8 @@ Experiments (`python experiments/run.py --list` prints them with their runs):
                 official dynamic alpha/beta schedule, each against local-only / constant
   fedmd         FedMD: each party with collaboration vs without, vs pooled; per-party gain
   fedmr         FedMR vs FedAvg vs FedProx under Dirichlet 0.1 / 0.5 / 1.0
+  federations   dropouts and stragglers for FedAvg, FedProx, SCAFFOLD and FML; DP-FedAvg at
+                three noise levels; FML's local models against Ditto, FedRep and local-only
   distillation  FedH2L vs FML vs FedMD with heterogeneous architectures: accuracy on the
                 global test distribution and bytes communicated
 
@@ -127,8 +129,32 @@ def _distillation():
   }
 
 
+def _federations():
+  """Realistic federations on Dirichlet(0.1) MNIST, 20 clients (10 per round) with at
+  most 300 examples each, plain SGD (SCAFFOLD's option II assumes it; the others get the
+  same, so runs pair): dropouts, stragglers, DP-FedAvg, and personalization."""
+  base = dict(MNIST, partition="dirichlet", dirichlet_alpha=0.1, num_clients=20,
+              clients_per_round=10, client_max_examples=300, num_rounds=30, eval_every=5,
+              momentum=0.0, weight_decay=0.0, learning_rate=0.05)
+  runs = {}
+  for rate in (0.0, 0.3, 0.6):
+    for algorithm in ("fedavg", "fedprox", "scaffold", "fml"):
+      runs[f"dropout{rate}-{algorithm}"] = dict(base, algorithm=algorithm, dropout_rate=rate)
+  for algorithm in ("fedavg", "fedprox", "scaffold", "fml"):   # partial work aggregated
+    runs[f"stragglers0.5-{algorithm}"] = dict(base, algorithm=algorithm, straggler_rate=0.5)
+  # FedProx's paper: FedAvg drops its stragglers.
+  runs["stragglers0.5-fedavg-drop"] = dict(base, algorithm="fedavg", straggler_rate=0.5,
+                                           straggler_policy="drop")
+  for z in (0.3, 1.0, 3.0):
+    runs[f"dp-z{z}-fedavg"] = dict(base, algorithm="fedavg", aggregation="uniform",
+                                   dp_clip=0.5, dp_noise_multiplier=z)
+  for algorithm in ("ditto", "fedrep", "local"):   # against dropout0.0-fml's local models
+    runs[f"personal-{algorithm}"] = dict(base, algorithm=algorithm)
+  return runs
+
+
 EXPERIMENTS = {"baselines": _baselines, "dom": _dom, "fedmd": _fedmd, "fedmr": _fedmr,
-               "distillation": _distillation}
+               "distillation": _distillation, "federations": _federations}
 
 # --quick: the same runs, shrunk to seconds each (MNIST only).
 QUICK = dict(num_clients=4, clients_per_round=4, num_rounds=2, eval_every=1, local_epochs=1,
@@ -142,7 +168,8 @@ QUICK_RUNS = {"baselines": ("mnist-dir0.1-fml",),
               "dom": ("tasks-fml",),
               "fedmd": ("fedmd-small-family",),
               "fedmr": ("dir0.5-fedmr",),
-              "distillation": ("fedh2l",)}
+              "distillation": ("fedh2l",),
+              "federations": ("dropout0.3-scaffold",)}
 
 
 def quick(overrides: dict) -> dict:

@@ -14,6 +14,12 @@ one client moves the clipped sum by up to 2 * dp_clip, so the accountant sees th
 noise multiplier dp_noise_multiplier / 2 (conservative: the same noise counts for
 half as much as under add-or-remove adjacency with Poisson sampling, which this
 program does not do). Rounds compose; `epsilon(rounds)` is the epsilon at `dp_delta`.
+
+Against the paper (../shared/ALGORITHMS.md, DP-FedAvg): the paper Poisson-samples users
+with probability q, divides the sum by the fixed qW and projects every local step onto
+the clipping ball; this program keeps its fixed-size cohorts, divides by the cohort
+size and clips once per round (as Flower's fixed-clipping wrappers do), and its
+accountant is the one that models that sampling.
 """
 
 from __future__ import annotations
