@@ -96,6 +96,18 @@ def test_dp_fedavg_run_reports_epsilon_and_clipping(tmp_path):
   assert summary["final"]["dp_epsilon"] == records[-1]["dp_epsilon"]
 
 
+@pytest.mark.parametrize("name", ["ditto", "fedrep"])
+def test_dp_applies_to_the_personalized_algorithms_uploads(name):
+  config = small_config(algorithm=name, aggregation="uniform", dp_clip=0.2,
+                        dp_noise_multiplier=0.0)
+  runner = make_runner(config, "vmap")
+  state, report = runner.run_round(runner.init(0))
+  assert bool(report.all_finite)
+  assert float(report.metrics["dp_clipped_share"]) > 0   # updates longer than 0.2 were cut
+  # Without noise the global part moved by the mean of updates clipped to 0.2: at most 0.2.
+  assert float(report.metrics["server_update_norm"]) <= 0.2 + 1e-6
+
+
 def test_dp_noise_is_identical_across_strategies():
   config = small_config(algorithm="fml", dp_clip=0.3, dp_noise_multiplier=0.8)
   finals = []

@@ -47,6 +47,7 @@ class Ditto(ClientModelsAlgorithm):
   averages_models = True
   uses_server_optimizer = True
   supports_availability = True
+  supports_dp = True
 
   @classmethod
   def defaults(cls):

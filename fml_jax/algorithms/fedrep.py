@@ -54,6 +54,7 @@ class FedRep(Algorithm):
   averages_models = True
   uses_server_optimizer = True
   supports_availability = True
+  supports_dp = True
 
   @classmethod
   def defaults(cls):
