@@ -34,7 +34,7 @@ from fml_jax.errors import ConfigError
 
 
 @contextlib.contextmanager
-def _quiet_accountant():
+def quiet_accountant():
   """dp-accounting warns through absl for every RDP order whose series it cannot sum
   (those orders are then left out, as they should be); keep the console readable."""
   logger = logging.getLogger("absl")
@@ -82,7 +82,7 @@ class PrivacyAccountant:
       object.__setattr__(self, "_rdp_one_round", None)   # no noise: no guarantee
       return
     accountant = make_accountant()
-    with _quiet_accountant():
+    with quiet_accountant():
       accountant.compose(one_round_event(self.num_clients, self.clients_per_round,
                                          self.noise_multiplier))
     # The accountant's RDP at each of its orders after one round (rounds add up).
@@ -96,7 +96,7 @@ class PrivacyAccountant:
       return math.inf
     from dp_accounting.rdp import rdp_privacy_accountant   # pylint: disable=g-import-not-at-top
     orders, rdp = self._rdp_one_round
-    with _quiet_accountant():
+    with quiet_accountant():
       epsilon, _ = rdp_privacy_accountant.compute_epsilon(orders, rounds * rdp, self.delta)
     return float(epsilon)
 
