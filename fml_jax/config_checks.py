@@ -15,6 +15,7 @@ from fml_jax import algorithms, privacy, replicas, settings
 from fml_jax.algorithms import aggregation
 from fml_jax.algorithms.client_models import split_list
 from fml_jax.configs import default
+from fml_jax.data.augment import AUGMENTATIONS
 from fml_jax.data.partition import PARTITIONS, check_partition_fits_dataset
 from fml_jax.errors import ConfigError
 from fml_jax.models import MODELS, STATEFUL_MODELS
@@ -142,6 +143,8 @@ def _check_generic(config) -> None:
     raise ConfigError("synthetic_max_client_examples",
                       "must be 0 (no cap) or at least 2 (one train and one test example)")
   settings.number(config, "learning_rate", 0, low_open=True)
+  settings.choice(config, "augment", AUGMENTATIONS)
+  settings.number(config, "augment_padding", 0, integer=True)
   settings.number(config, "momentum", 0, 1, high_open=True)
   settings.number(config, "weight_decay", 0)
   settings.number(config, "dirichlet_alpha", 0, low_open=True)

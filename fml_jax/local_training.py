@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 
 # step_fn(carry, x, y, mask, key) -> (carry, metrics: dict of scalars)
+# The key of a step's augmentation: fold_in(the client's round key, this), then the step.
+AUGMENT_FOLD = 7
 StepFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], tuple[Any, dict]]
 
 
@@ -63,6 +65,7 @@ def run_local_steps(step_fn: StepFn, carry: Any, data, train_idx: jax.Array,
   max_n = train_idx.shape[0]
   per_epoch = steps_per_epoch(max_n, batch_size)
   shuffle_key, step_key = jax.random.split(key)
+  augment_key = jax.random.fold_in(key, AUGMENT_FOLD)
   orders = jax.vmap(lambda e: epoch_order(jax.random.fold_in(shuffle_key, e), max_n, train_n))(
       jnp.arange(local_epochs))
   # Pad each epoch's order to whole batches with an out-of-range slot (never valid).
@@ -71,7 +74,9 @@ def run_local_steps(step_fn: StepFn, carry: Any, data, train_idx: jax.Array,
   def take_step(carry, slots, t):
     valid = slots < train_n
     examples = train_idx[jnp.minimum(slots, max_n - 1)]
-    x = data.normalize(data.x_train[examples])
+    # Augmentation (data/augment.py; identity unless the run asks) from its own key.
+    x = data.normalize(data.augment_batch(data.x_train[examples],
+                                          jax.random.fold_in(augment_key, t)))
     y = data.y_train[examples]
     return step_fn(carry, x, y, valid, jax.random.fold_in(step_key, t))
 

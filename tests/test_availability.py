@@ -49,6 +49,7 @@ def test_a_straggler_takes_the_first_share_of_its_own_steps(work, steps_taken):
   class Data:   # what run_local_steps reads of FederatedData; the step ignores it
     x_train, y_train = jnp.zeros((100, 3)), jnp.zeros(100, jnp.int32)
     normalize = staticmethod(lambda v: v)
+    augment_batch = staticmethod(lambda v, key: v)
 
   def count_steps(carry, x, y, mask, key):
     return carry + 1, {"valid": jnp.sum(mask).astype(jnp.float32)}

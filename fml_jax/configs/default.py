@@ -39,6 +39,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.synthetic_beta = 1.0          # ... and of their inputs
   c.synthetic_test_fraction = 0.2 # each synthetic client's held-out share
   c.synthetic_max_client_examples = 2000  # cap on the heavy-tailed client sizes (0: none)
+  c.augment = "auto"              # training augmentation: auto (crop_flip for CIFAR, as the
+                                  # official FML code; none otherwise) | none | crop_flip
+  c.augment_padding = 4           # crop_flip: zero pixels around each image before the crop
   # Models.
   c.model = "mlp"                 # global / meme model: logreg | mlp | cnn | lenet5 | ...
   # Clients' private models (FML's local, local-only, FedMD's and FedH2L's parties):

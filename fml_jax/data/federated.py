@@ -18,7 +18,7 @@ import numpy as np
 from flax import struct
 
 from fml_jax import tasks
-from fml_jax.data import partition, synthetic, tfds_source
+from fml_jax.data import augment, partition, synthetic, tfds_source
 from fml_jax.errors import ConfigError
 
 
@@ -49,6 +49,9 @@ class FederatedData:
   # `test_rows` cut, so every client's local training has the same, static shape.
   max_train: int = struct.field(pytree_node=False, default=1)
   max_test: int = struct.field(pytree_node=False, default=1)
+  # Training-time augmentation (data/augment.py): "none" or "crop_flip", and its padding.
+  augment: str = struct.field(pytree_node=False, default="none")
+  augment_padding: int = struct.field(pytree_node=False, default=4)
 
   @property
   def num_clients(self) -> int:
@@ -66,6 +69,12 @@ class FederatedData:
   @property
   def input_shape(self) -> tuple:
     return tuple(self.x_train.shape[1:])
+
+  def augment_batch(self, x: jax.Array, key: jax.Array) -> jax.Array:
+    """A training batch of raw inputs, augmented as the run asks (before `normalize`)."""
+    if self.augment == "crop_flip":
+      return augment.crop_flip(key, x, self.augment_padding)
+    return x
 
   def normalize(self, x: jax.Array) -> jax.Array:
     """Raw stored inputs -> float32 model inputs (the only place this happens)."""
@@ -180,6 +189,12 @@ def load_federated_data(config) -> FederatedData:
   clients' data (and the global test set) to those classes; after another public
   dataset's classes they are relabelled num_public + rank, FedMD's label space.
   """
+  data = _load(config)
+  return data.replace(augment=augment.resolve(config, data.input_shape),
+                      augment_padding=config.get("augment_padding", 4))
+
+
+def _load(config) -> FederatedData:
   partition.check_partition_fits_dataset(config.dataset, config.partition)
   if config.dataset == "synthetic":
     return _synthetic(config)
