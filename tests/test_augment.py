@@ -10,7 +10,7 @@ from fml_jax import config_checks, local_training
 from fml_jax.data import augment
 from fml_jax.errors import ConfigError
 
-from conftest import make_runner, small_config
+from conftest import make_runner, requires_mnist, small_config
 
 
 def candidates(image: np.ndarray, padding: int) -> list[np.ndarray]:
@@ -86,12 +86,10 @@ def test_local_training_augments_each_client_differently_and_not_when_off():
   assert a != b and a < raw and b < raw   # zero padding shifted in: fewer bright pixels
 
 
+@requires_mnist
 def test_a_run_with_crop_flip_trains_and_differs_from_one_without():
   base = dict(dataset="mnist", partition="iid", model="mlp", num_clients=4, clients_per_round=2,
               client_max_examples=32, local_epochs=1)
-  from conftest import has_tfds_dataset   # pylint: disable=g-import-not-at-top
-  if not has_tfds_dataset("mnist"):
-    pytest.skip("mnist is not prepared")
   plain = make_runner(small_config(**base), "vmap")
   augmented = make_runner(small_config(**base, augment="crop_flip"), "vmap")
   assert plain.data.augment == "none" and augmented.data.augment == "crop_flip"
