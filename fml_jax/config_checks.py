@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ml_collections import ConfigDict
 
-from fml_jax import algorithms, privacy, replicas, settings
+from fml_jax import algorithms, privacy, replicas, schedules, settings
 from fml_jax.algorithms import aggregation
 from fml_jax.algorithms.client_models import split_list
 from fml_jax.configs import default
@@ -85,6 +85,10 @@ def validate(config) -> None:
     raise ConfigError("public_size", f"{cls.name} needs a public (seed) set: set public_size to "
                       "the number of training examples to hold out for it (or public_dataset)")
   _check_availability(config, cls)
+  schedules.clients_lr_table(config.lr_schedule, config.num_rounds)   # readable?
+  if str(config.lr_schedule).strip() and not cls.supports_lr_schedule:
+    raise ConfigError("lr_schedule", f"{cls.name} keeps its own optimizer per phase; "
+                      "lr_schedule applies to the other algorithms")
   privacy.check_dp_settings(config, cls)
   aggregation.check_server_settings(config)
   if not cls.uses_server_optimizer and not aggregation.is_plain_average(config.server):

@@ -67,6 +67,18 @@ def to_table(spec: str, kind: str, base: float, step_rounds: int = 10,
   return rounds, values
 
 
+def clients_lr_table(spec: str, num_rounds: int) -> tuple[list[int], list[float]]:
+  """The `lr_schedule` setting (a factor on every algorithm's client learning rate) as a
+  table: the forms above, or `fml_official`: x0.1 every int(num_rounds / 3) rounds, as
+  the official FML code (HEAD) steps its learning rate (50 rounds: from 0-based rounds
+  16, 32 and 48 on)."""
+  if str(spec).strip() == "fml_official":
+    step = max(num_rounds // 3, 1)
+    rounds = list(range(0, num_rounds, step))
+    return rounds, [0.1 ** i for i in range(len(rounds))]
+  return to_table(spec, "lr", 1.0, field="lr_schedule")
+
+
 def value_at(table: tuple[list[int], list[float]], round_index: jax.Array):
   """The scheduled value at a (traced) 0-based round index."""
   rounds, values = table

@@ -76,13 +76,15 @@ class Ditto(ClientModelsAlgorithm):
 
   def client_update(self, server_state, client_state, client, data, group):
     w, lam = server_state["params"], self.settings.lam
+    lr_scale = self.lr_scale(client)
     personal_step = supervised_step(
-        self.model, self.optimizer, regularizer=lambda v: 0.5 * lam * losses.proximal_term(v, w))
+        self.model, self.optimizer, regularizer=lambda v: 0.5 * lam * losses.proximal_term(v, w),
+        lr_scale=lr_scale)
     personal, personal_metrics = run_local_steps(
         personal_step, client_state, data, client.train_idx, client.train_n,
         jax.random.fold_in(client.key, PERSONAL_FOLD), self.settings.personal_epochs,
         self.config.batch_size, min_examples=data.min_train, work=client.work)
-    copy, metrics = self.train(supervised_step(self.model, self.optimizer),
+    copy, metrics = self.train(supervised_step(self.model, self.optimizer, lr_scale=lr_scale),
                                TrainState.create(w, self.optimizer), client, data)
     return ClientResult(client_state=personal, upload=copy.params,
                         metrics={**metrics, "train_loss_personal": personal_metrics["train_loss"]})

@@ -48,7 +48,8 @@ class FedAvg(Algorithm):
     regularizer = None
     if not is_static_zero(self.prox_mu):
       regularizer = lambda p: 0.5 * self.prox_mu * losses.proximal_term(p, global_params)
-    step = supervised_step(self.model, self.optimizer, regularizer)
+    step = supervised_step(self.model, self.optimizer, regularizer,
+                           lr_scale=self.lr_scale(client))
     state, metrics = self.train(step, TrainState.create(global_params, self.optimizer),
                                 client, data)
     return ClientResult(client_state=client_state, upload=state.params, metrics=metrics)

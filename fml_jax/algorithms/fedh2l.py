@@ -117,6 +117,7 @@ class FedH2L(ClientModelsAlgorithm):
     target = server_state["targets"][client.position]   # (seed, classes)
     seed_size = data.x_public.shape[0]
     seed_batch = min(self.config.batch_size, seed_size)
+    lr_scale = self.lr_scale(client)
 
     def step(state, x, y, mask, key):
       seed_key, private_key, key = jax.random.split(key, 3)
@@ -137,7 +138,7 @@ class FedH2L(ClientModelsAlgorithm):
           loss = loss + losses.cross_entropy(seed, data.y_public[rows], full)
         return loss, (model_state, (ce, distill))
 
-      state, loss, (ce, distill) = loss_step(state, loss_fn, self.optimizer)
+      state, loss, (ce, distill) = loss_step(state, loss_fn, self.optimizer, lr_scale)
       return state, {"train_loss": loss, "train_ce": ce, "distill_loss": distill}
 
     state, metrics = self.train(step, client_state, client, data)

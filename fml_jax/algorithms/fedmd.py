@@ -79,6 +79,7 @@ class FedMD(ClientModelsAlgorithm):
   has_warm_start = True
   needs_public_data = True
   evaluates_clients_on_global_test = True
+  supports_lr_schedule = False   # its phases keep their own optimizers (issue 17 reworks them)
 
   @classmethod
   def defaults(cls):

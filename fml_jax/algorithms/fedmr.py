@@ -122,7 +122,7 @@ class FedMR(Algorithm):
     opt_state = (slot(server_state["opt_state"]) if self.keeps_optimizer_state
                  else self.optimizer.init(params))
 
-    step = supervised_step(self.model, self.optimizer)
+    step = supervised_step(self.model, self.optimizer, lr_scale=self.lr_scale(client))
     state, metrics = self.train(step, TrainState(params=params, opt_state=opt_state), client,
                                 data)
     upload = {"params": state.params}

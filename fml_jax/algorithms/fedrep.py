@@ -92,7 +92,7 @@ class FedRep(Algorithm):
         whole = {**frozen, **params}
         logits, model_state = forward(self.model, whole, model_state, x, True, step_key)
         return losses.cross_entropy(logits, y, mask), (model_state, None)
-      state, loss, _ = loss_step(state, loss_fn, self.optimizer)
+      state, loss, _ = loss_step(state, loss_fn, self.optimizer, self.lr_scale(client))
       return state, {"train_loss": loss}
     return run_local_steps(step, TrainState.create(trainable, self.optimizer), data,
                            client.train_idx, client.train_n, key, epochs,

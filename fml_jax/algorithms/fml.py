@@ -123,6 +123,7 @@ class FML(ClientModelsAlgorithm):
   def client_update(self, server_state, client_state, client, data, group):
     alpha, beta, lr_scale = (schedules.value_at(self.schedules[kind], client.round)
                              for kind in schedules.KINDS)
+    lr_scale = lr_scale * self.lr_scale(client)   # fml.lr_schedule and the clients' lr_schedule
     meme = TrainState.create(server_state["params"], self.optimizer)   # fork + fresh optimizer
     (meme, local), metrics = self.train(self.make_step(group, alpha, beta, lr_scale),
                                         (meme, client_state), client, data)

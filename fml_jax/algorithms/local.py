@@ -28,6 +28,7 @@ class LocalOnly(ClientModelsAlgorithm):
   def client_update(self, server_state, client_state, client, data, group):
     task = self.groups[group].task
     step = supervised_step(self.groups[group].model, self.optimizer,
-                           label_map=None if task.is_identity else jnp.asarray(task.label_map))
+                           label_map=None if task.is_identity else jnp.asarray(task.label_map),
+                           lr_scale=self.lr_scale(client))
     state, metrics = self.train(step, client_state, client, data)
     return ClientResult(client_state=state, upload=(), metrics=metrics)

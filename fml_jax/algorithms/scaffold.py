@@ -62,12 +62,13 @@ class Scaffold(Algorithm):
 
   def client_update(self, server_state, client_state, client, data, group):
     x, c, c_i = server_state["params"], server_state["control"], client_state["control"]
+    lr_scale = self.lr_scale(client)
     step = supervised_step(self.model, self.optimizer,
-                           grad_offset=jax.tree.map(jnp.subtract, c, c_i))
+                           grad_offset=jax.tree.map(jnp.subtract, c, c_i), lr_scale=lr_scale)
     (state, steps), metrics = self.train(counted(step), (TrainState.create(x, self.optimizer),
                                                          jnp.int32(0)), client, data)
     y = state.params
-    scale = 1.0 / (jnp.maximum(steps, 1) * self.config.learning_rate)
+    scale = 1.0 / (jnp.maximum(steps, 1) * self.config.learning_rate * lr_scale)   # the lr in force
     new_c_i = jax.tree.map(lambda ci, cc, xx, yy: ci - cc + (xx - yy) * scale, c_i, c, x, y)
     return ClientResult(client_state={"control": new_c_i},
                         upload={"params": y, "delta_control": jax.tree.map(jnp.subtract,

@@ -39,11 +39,13 @@ def loss_step(states, loss_fn, optimizer, lr_scale=1.0, grad_offset=None):
   return unpack(new), loss, aux
 
 
-def supervised_step(model, optimizer, regularizer=None, label_map=None, grad_offset=None):
+def supervised_step(model, optimizer, regularizer=None, label_map=None, grad_offset=None,
+                    lr_scale=1.0):
   """An optimizer step on masked cross-entropy (plus `regularizer(params)` if given):
   the local step of FedAvg, FedProx, FedMR, FedMD, SCAFFOLD and local-only training.
   With `label_map`, labels are first mapped into the model's task; `grad_offset` is
-  added to every step's gradient (`loss_step`)."""
+  added to every step's gradient and `lr_scale` multiplies the learning rate
+  (`loss_step`)."""
   def step(state, x, y, mask, key):
     if label_map is not None:
       y = jnp.asarray(label_map)[y]
@@ -53,7 +55,7 @@ def supervised_step(model, optimizer, regularizer=None, label_map=None, grad_off
       loss = losses.cross_entropy(logits, y, mask)
       return (loss + regularizer(params) if regularizer is not None else loss), (model_state, None)
 
-    state, loss, _ = loss_step(state, loss_fn, optimizer, grad_offset=grad_offset)
+    state, loss, _ = loss_step(state, loss_fn, optimizer, lr_scale, grad_offset=grad_offset)
     return state, {"train_loss": loss}
   return step
 

@@ -73,6 +73,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.batch_size = 32
   c.optimizer = "sgd"             # sgd | adam (PyTorch semantics: weight decay is L2 on the gradient)
   c.learning_rate = 0.01
+  c.lr_schedule = ""              # a factor on learning_rate per round, every algorithm but fedmd:
+                                  # "" | "0:1,16:0.1" | fml_official (x0.1 every num_rounds // 3)
   c.momentum = 0.9                # sgd only
   c.weight_decay = 5e-4
   # The server step of algorithms that average models (fedavg, fedprox, fml's memes,

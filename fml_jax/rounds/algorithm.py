@@ -43,6 +43,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from fml_jax import schedules
 from fml_jax.local_training import run_local_steps
 from fml_jax.rounds.types import ClientInfo, ClientResult, PersonalizedModels, RoundContext
 from fml_jax.trees import tree_bytes
@@ -84,6 +85,8 @@ class Algorithm(abc.ABC):
   # DP-FedAvg (dp_clip; fml_jax/privacy.py): its server averages parameter uploads through
   # `ServerOptimizer.step`, passing the round's key.
   supports_dp: bool = False
+  # lr_schedule: every local step takes `lr_scale(client)` (loss_step / supervised_step).
+  supports_lr_schedule: bool = True
   # Whether evaluation also scores every client's own model on the whole global test
   # set (methods that aim at models good on the whole distribution: FedMD, FedH2L).
   evaluates_clients_on_global_test: bool = False
@@ -92,6 +95,14 @@ class Algorithm(abc.ABC):
     self.config = config
     self.num_classes = num_classes
     self.input_shape = input_shape
+    # `lr_schedule`: a per-round factor on the clients' learning rate (schedules.py).
+    self.lr_table = schedules.clients_lr_table(config.get("lr_schedule", ""),
+                                               config.get("num_rounds", 1))
+
+  def lr_scale(self, client: ClientInfo):
+    """The factor on the clients' learning rate in this client's round (a Python 1.0
+    without a schedule, so nothing is added to the step)."""
+    return schedules.value_at(self.lr_table, client.round)
 
   @property
   def settings(self):
