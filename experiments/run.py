@@ -50,7 +50,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from fml_jax import algorithms, plot, settings  # noqa: E402  pylint: disable=g-import-not-at-top
+from fml_jax import algorithms, outputs, plot, settings  # noqa: E402  pylint: disable=g-import-not-at-top
 from fml_jax import stats, train  # noqa: E402  pylint: disable=g-import-not-at-top
 from fml_jax.configs import default  # noqa: E402  pylint: disable=g-import-not-at-top
 
@@ -288,20 +288,9 @@ BOOKKEEPING_FIELDS = frozenset({"data_dir", "checkpoint_every", "checkpoints_to_
 PAIRED_METRICS = ("local_test_acc_mean", "global_test_acc")
 
 
-def flat_fields(config: dict, prefix: str = "") -> dict:
-  """{dotted path: value} of a config.json, its sections flattened ("fml.alpha")."""
-  fields = {}
-  for key, value in config.items():
-    if isinstance(value, dict):
-      fields.update(flat_fields(value, f"{prefix}{key}."))
-    else:
-      fields[f"{prefix}{key}"] = value
-  return fields
-
-
 def differs_only_in_algorithm(config_a: dict, config_b: dict) -> bool:
   """Whether two runs' configs differ, and only in ALGORITHM_FIELDS (bookkeeping aside)."""
-  a, b = flat_fields(config_a), flat_fields(config_b)
+  a, b = outputs.flat_fields(config_a), outputs.flat_fields(config_b)
   missing = object()
   differing = {k.split(".")[0] for k in a.keys() | b.keys()
                if a.get(k, missing) != b.get(k, missing)} - BOOKKEEPING_FIELDS

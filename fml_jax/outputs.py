@@ -43,12 +43,12 @@ def atomic_write_json(path: Path, obj) -> None:
   os.replace(tmp, path)
 
 
-def _flat(config: dict, prefix: str = "") -> dict:
+def flat_fields(config: dict, prefix: str = "") -> dict:
   """{dotted field path: value}, sections (nested dicts) expanded."""
   flat = {}
   for key, value in config.items():
     if isinstance(value, dict):
-      flat.update(_flat(value, f"{prefix}{key}."))
+      flat.update(flat_fields(value, f"{prefix}{key}."))
     else:
       flat[f"{prefix}{key}"] = value
   return flat
@@ -58,7 +58,7 @@ def config_differences(old: dict, new: dict, defaults: dict | None = None) -> li
   """'field: old -> new' for every field that differs (sections' fields by their dotted
   path, e.g. fml.alpha), except RESUMABLE_FIELDS. A field the old config lacks (it was
   added to fml_jax later, e.g. a new algorithm's section) had its value in `defaults`."""
-  old, new = {**_flat(defaults or {}), **_flat(old)}, _flat(new)
+  old, new = {**flat_fields(defaults or {}), **flat_fields(old)}, flat_fields(new)
   fields = sorted((set(old) | set(new)) - set(RESUMABLE_FIELDS))
   return [f"{f}: {old.get(f, '(absent)')!r} -> {new.get(f, '(absent)')!r}"
           for f in fields if old.get(f) != new.get(f)]

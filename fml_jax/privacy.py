@@ -30,6 +30,7 @@ import logging
 import math
 from typing import Optional
 
+from fml_jax import settings
 from fml_jax.errors import ConfigError
 
 
@@ -63,8 +64,8 @@ def make_accountant():
 
 @dataclasses.dataclass(frozen=True)
 class PrivacyAccountant:
-  """Epsilon after r rounds: the RDP of one round is computed once (about half a
-  second) and scaled by r, which is exactly what composing r rounds does."""
+  """Epsilon after r rounds: the RDP of one round is computed once (the accountant's
+  slow part) and scaled by r, which is exactly what composing r rounds does."""
   num_clients: int
   clients_per_round: int
   noise_multiplier: float
@@ -104,7 +105,6 @@ class PrivacyAccountant:
 def check_dp_settings(config, cls) -> None:
   """The dp_* settings: numbers in range, an algorithm whose server averages models
   through the server optimizer, and aggregation the accountant can vouch for."""
-  from fml_jax import settings   # pylint: disable=g-import-not-at-top
   settings.number(config, "dp_clip", 0)
   if not config.dp_clip:
     return

@@ -41,6 +41,7 @@ from fml_jax.algorithms import build_algorithm, resolve
 from fml_jax.errors import ConfigError
 from fml_jax.rounds import RoundState, Runner
 from fml_jax.rounds.runner import seed_keys
+from fml_jax.trees import stack_trees, take_rows
 
 REPLICA_STRATEGIES = ("auto", "vmap", "loop")
 
@@ -153,14 +154,6 @@ def make_runner(config, data, mesh) -> Runner:
                 chunk_size=config.chunk_size, mesh=mesh, placement=config.placement)
 
 
-def stack(trees: list) -> Any:
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-
-
-def row(tree, i: int) -> Any:
-  return jax.tree.map(lambda x: x[i], tree)
-
-
 class ReplicaSet:
   """Every replica of a run: init, rounds, their states for evaluation and checkpoints.
 
@@ -265,7 +258,7 @@ class ReplicaSet:
 
   def state_of(self, states, i: int) -> RoundState:
     """Replica i's state (a copy under vmap), for evaluation."""
-    return row(states, i) if self.strategy == "vmap" else states[i]
+    return take_rows(states, i) if self.strategy == "vmap" else states[i]
 
   # --- running ----------------------------------------------------------------------------
 
@@ -275,7 +268,7 @@ class ReplicaSet:
     if self.strategy == "vmap":
       states, report = self._vmap_round(self._values, states, self.data)
       report = jax.device_get(report)
-      return states, [row(report, i) for i in range(self.num_replicas)]
+      return states, [take_rows(report, i) for i in range(self.num_replicas)]
     new, reports = [], []
     for i, state in enumerate(states):
       state, report = self.runner_of(i).run_round(state)
@@ -289,4 +282,4 @@ class ReplicaSet:
       return states
     warmed = [self.runner_of(i).warm_start(self.state_of(states, i))
               for i in range(self.num_replicas)]
-    return stack(warmed) if self.strategy == "vmap" else warmed
+    return stack_trees(warmed) if self.strategy == "vmap" else warmed

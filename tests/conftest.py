@@ -13,6 +13,7 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from fml_jax import settings
@@ -87,6 +88,11 @@ def has_tfds_dataset(name: str) -> bool:
 
 requires_mnist = pytest.mark.skipif(
     not has_tfds_dataset("mnist"), reason=f"mnist is not prepared in {SHARED_TFDS}")
+
+
+def client_row(tree, i):
+  """Client i's entry of a stacked (cohort or population) tree, as a single client's."""
+  return jax.tree.map(lambda x: jnp.asarray(x)[i], tree)
 
 
 def small_config(**overrides):

@@ -11,11 +11,8 @@ from fml_jax import config_checks, local_training
 from fml_jax.errors import ConfigError
 from fml_jax.rounds.availability import Availability
 
-from conftest import make_runner, small_config
+from conftest import client_row, make_runner, small_config
 
-
-def rows(tree, i):
-  return jax.tree.map(lambda x: jnp.asarray(x)[i], tree)
 
 
 def test_draws_depend_on_the_round_key_and_the_client_only():
@@ -82,8 +79,8 @@ def test_dropped_clients_keep_their_state_and_the_server_averages_the_others(nam
   # The reference: each reporting client's update on its own, averaged with its weight.
   uploads = []
   for i in np.flatnonzero(reports):
-    result = algorithm.client_update(before.server, rows(cohort.client_state, i),
-                                     rows(cohort.clients, i), runner.data, 0)
+    result = algorithm.client_update(before.server, client_row(cohort.client_state, i),
+                                     client_row(cohort.clients, i), runner.data, 0)
     uploads.append(jax.tree.map(lambda u, w=weights[i] / weights.sum(): w * np.asarray(u),
                                 result.upload))
   expected = jax.tree.map(lambda *xs: np.sum(xs, axis=0), *uploads)

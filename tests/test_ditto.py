@@ -8,14 +8,11 @@ import numpy as np
 from fml_jax import local_training, losses
 from fml_jax.models import forward
 
-from conftest import make_runner, small_config
+from conftest import client_row, make_runner, small_config
 
 CONFIG = dict(algorithm="ditto", momentum=0.0, weight_decay=0.0, learning_rate=0.05,
               ditto__lam=0.7, ditto__personal_epochs=2)
 
-
-def row(tree, i):
-  return jax.tree.map(lambda x: jnp.asarray(x)[i], tree)
 
 
 def test_personal_step_is_sgd_on_ce_plus_the_proximal_pull_and_the_upload_is_fedavgs():
@@ -24,7 +21,7 @@ def test_personal_step_is_sgd_on_ce_plus_the_proximal_pull_and_the_upload_is_fed
   algorithm, data = runner.algorithm, runner.data
   state = runner.init(0)
   (cohort,), _ = runner.begin_round(state)
-  client, personal = row(cohort.clients, 1), row(cohort.client_state, 1)
+  client, personal = client_row(cohort.clients, 1), client_row(cohort.client_state, 1)
   w = state.server["params"]
   result = algorithm.client_update(state.server, personal, client, data, 0)
 

@@ -155,7 +155,7 @@ def test_runs_pair_when_they_differ_only_in_the_algorithm_and_its_settings():
   assert not differs(fml, run_config(algorithm="fml"))   # the same run: nothing to compare
   assert not differs(fml, run_config(algorithm="fml", data_dir="/elsewhere"))
   assert differs(fml, run_config(algorithm="fedavg", data_dir="/elsewhere", checkpoint_every=0))
-  assert experiments.flat_fields({"a": 1, "fml": {"alpha": 0.5, "beta": {"x": 2}}}) == {
+  assert experiments.outputs.flat_fields({"a": 1, "fml": {"alpha": 0.5, "beta": {"x": 2}}}) == {
       "a": 1, "fml.alpha": 0.5, "fml.beta.x": 2}
 
 

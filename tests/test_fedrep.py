@@ -3,20 +3,16 @@ body with the new head frozen; only the body is averaged."""
 
 import chex
 import jax
-import jax.numpy as jnp
 
 from fml_jax import local_training, losses
 from fml_jax.algorithms.fedrep import head_layer, split
 from fml_jax.models import forward
 
-from conftest import make_runner, small_config
+from conftest import client_row, make_runner, small_config
 
 CONFIG = dict(algorithm="fedrep", momentum=0.0, weight_decay=0.0, learning_rate=0.05,
               fedrep__head_epochs=2)
 
-
-def row(tree, i):
-  return jax.tree.map(lambda x: jnp.asarray(x)[i], tree)
 
 
 def test_head_is_the_output_layer():
@@ -32,7 +28,7 @@ def test_client_update_trains_head_then_body_each_with_the_other_frozen():
   algorithm, data = runner.algorithm, runner.data
   state = runner.init(0)
   (cohort,), _ = runner.begin_round(state)
-  client, head = row(cohort.clients, 2), row(cohort.client_state, 2)
+  client, head = client_row(cohort.clients, 2), client_row(cohort.client_state, 2)
   body = state.server["params"]
   result = algorithm.client_update(state.server, head, client, data, 0)
   lr = config.learning_rate

@@ -10,14 +10,11 @@ from fml_jax import local_training, losses
 from fml_jax.models import forward
 from fml_jax.rounds.types import RoundContext
 
-from conftest import make_runner, small_config
+from conftest import client_row, make_runner, small_config
 
 CONFIG = dict(algorithm="scaffold", momentum=0.0, weight_decay=0.0, learning_rate=0.05,
               num_clients=6, clients_per_round=3)
 
-
-def row(tree, i):
-  return jax.tree.map(lambda x: jnp.asarray(x)[i], tree)
 
 
 def random_like(tree, key, scale=0.01):
@@ -36,7 +33,7 @@ def test_client_update_is_corrected_sgd_and_option_two():
   state = runner.init(0)
   server = dict(state.server, control=random_like(state.server["params"], jax.random.PRNGKey(1)))
   (cohort,), _ = runner.begin_round(state.replace(server=server))
-  client, c_i = row(cohort.clients, 0), {"control": random_like(server["params"],
+  client, c_i = client_row(cohort.clients, 0), {"control": random_like(server["params"],
                                                                 jax.random.PRNGKey(2))}
   result = algorithm.client_update(server, c_i, client, data, 0)
 

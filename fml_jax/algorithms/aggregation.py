@@ -113,6 +113,13 @@ class ServerOptimizer:
     """The server-state entries the optimizer adds (none for the plain average)."""
     return {} if self.plain else {"server_opt_state": self.transform.init(params)}
 
+  def update(self, server_state: dict, uploads, context) -> tuple[dict, dict]:
+    """An algorithm's whole server step when its server state is {"params", plus the
+    optimizer's entries} and the uploads are parameters: (new server state, metrics)."""
+    params, opt_state, metrics = self.step(server_state["params"], server_state, uploads,
+                                           context.weights, context.key)
+    return {"params": params, **opt_state}, metrics
+
   def step(self, params, server_state: dict, uploads, weights, key=None) -> tuple:
     """(new params, the optimizer's new server-state entries, metrics) from the cohort's
     stacked `uploads` (parameter-shaped) and their weights; `key` draws DP's noise."""

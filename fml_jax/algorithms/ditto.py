@@ -90,9 +90,7 @@ class Ditto(ClientModelsAlgorithm):
                         metrics={**metrics, "train_loss_personal": personal_metrics["train_loss"]})
 
   def server_update(self, server_state, uploads, context):
-    params, opt_state, metrics = self.server_optimizer.step(server_state["params"], server_state,
-                                                            uploads, context.weights, context.key)
-    return {"params": params, **opt_state}, metrics
+    return self.server_optimizer.update(server_state, uploads, context)
 
   def broadcast(self, server_state):
     return {"params": server_state["params"]}

@@ -132,10 +132,7 @@ class FML(ClientModelsAlgorithm):
     return ClientResult(client_state=local, upload=meme.params, metrics=metrics)
 
   def server_update(self, server_state, uploads, context):
-    params, opt_state, metrics = self.server_optimizer.step(server_state["params"], server_state,
-                                                            uploads, context.weights,
-                                                            context.key)
-    return {"params": params, **opt_state}, metrics
+    return self.server_optimizer.update(server_state, uploads, context)
 
   def broadcast(self, server_state):
     return {"params": server_state["params"]}   # not the server optimizer's moments

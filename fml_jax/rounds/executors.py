@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from fml_jax.errors import ConfigError
-from fml_jax.trees import (SPLIT_CHUNK, concat_clients, one_client_shapes, split_clients,
+from fml_jax.trees import (SPLIT_CHUNK, one_client_shapes, split_clients,
                            stack_trees, take_rows, tree_bytes)
 
 STRATEGIES = ("auto", "vmap", "chunked", "sequential", "debug")
