@@ -19,7 +19,7 @@ from fml_jax import outputs, preflight, train
 from fml_jax.checkpoints import Checkpointer
 from fml_jax.errors import UserError
 
-from conftest import REPO, SHARED_TFDS, small_config
+from conftest import REPO, SHARED_TFDS, requires_mnist, small_config
 
 # A small synthetic run, as command-line overrides.
 RUN = {"num_clients": 8, "clients_per_round": 4, "local_epochs": 2, "batch_size": 16,
@@ -174,12 +174,11 @@ def test_torn_metrics_line_is_dropped(tmp_path):
   assert (tmp_path / "metrics.jsonl").read_text() == '{"round": 1}\n{"round": 2}\n'
 
 
+@requires_mnist
 def test_memory_preflight_refuses_with_numbers(tmp_path):
   # 50,000 FML clients with FedAvg's CNN as local model: ~13 MiB each, ~650 GiB in all.
   config = small_config(dataset="mnist", partition="iid", model="cnn", num_clients=50000,
                         clients_per_round=2, data_dir=SHARED_TFDS)
-  if not (os.path.isdir(os.path.join(SHARED_TFDS, "mnist"))):
-    pytest.skip("mnist not prepared")
   with pytest.raises(preflight.ResourceError) as e:
     train.run(config, str(tmp_path))
   message = str(e.value)
