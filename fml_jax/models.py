@@ -1,4 +1,4 @@
-"""Model zoo: the architectures of the FedAvg and FML papers, as Flax modules.
+"""Model zoo: the architectures of the FedAvg, FML, FedMD and FedMR papers, as Flax modules.
 
 Every model maps normalized float inputs (batch, *input_shape) to logits
 (batch, num_classes) and takes `train` (dropout on, batch statistics updated).
@@ -89,6 +89,169 @@ class LeNet5(nn.Module):
     return nn.Dense(self.num_classes)(x)
 
 
+class FMLCNN(nn.Module):
+  """The official FML code's "CNN" (ZJU-DAI/Federated-Mutual-Learning, Model.py, class
+  CNN), which is the TensorFlow CNN tutorial's network: valid (unpadded) 3x3
+  convolutions, conv32-relu-maxpool2, conv64-relu-maxpool2, conv64-relu, flatten,
+  dense64-relu, dense. On 32x32 inputs 30, 15, 13, 6, 4: 64*4*4 = 1024 features (on
+  28x28: 3*3*64 = 576; the official code hard-codes 3 input channels, 1024 features
+  and 10 classes). Needs images of at least 18x18."""
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = max_pool_2x2(nn.relu(Conv(32, (3, 3), padding="VALID")(x)))
+    x = max_pool_2x2(nn.relu(Conv(64, (3, 3), padding="VALID")(x)))
+    x = nn.relu(Conv(64, (3, 3), padding="VALID")(x))
+    x = nn.relu(nn.Dense(64)(x.reshape(x.shape[0], -1)))
+    return nn.Dense(self.num_classes)(x)
+
+
+class CNNCifar(nn.Module):
+  """FedMR's `CNNCifar` (HMHelloWorld/FedMR, models/Nets.py): LeNet with valid 5x5
+  convolutions, conv6-relu-maxpool2, conv16-relu-maxpool2, flatten (16*5*5 = 400 on
+  32x32), dense120-relu, dense84-relu, dense. Unlike `lenet5` the first convolution
+  is unpadded. Needs images of at least 16x16."""
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = max_pool_2x2(nn.relu(Conv(6, (5, 5), padding="VALID")(x)))
+    x = max_pool_2x2(nn.relu(Conv(16, (5, 5), padding="VALID")(x)))
+    x = x.reshape(x.shape[0], -1)
+    x = nn.relu(nn.Dense(120)(x))
+    x = nn.relu(nn.Dense(84)(x))
+    return nn.Dense(self.num_classes)(x)
+
+
+class CNNMnist(nn.Module):
+  """FedMR's `CNNMnist` (HMHelloWorld/FedMR, models/Nets.py; no dropout there): valid
+  5x5 convolutions, conv20-maxpool2-relu, conv50-maxpool2-relu, flatten (50*4*4 = 800
+  on 28x28), dense50-relu, dense. Needs images of at least 16x16."""
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.relu(max_pool_2x2(Conv(20, (5, 5), padding="VALID")(x)))
+    x = nn.relu(max_pool_2x2(Conv(50, (5, 5), padding="VALID")(x)))
+    x = nn.relu(nn.Dense(50)(x.reshape(x.shape[0], -1)))
+    return nn.Dense(self.num_classes)(x)
+
+
+def batch_norm(train: bool, **kwargs) -> nn.BatchNorm:
+  """PyTorch's BatchNorm2d defaults: momentum 0.1 (flax's 0.9), epsilon 1e-5. Flax
+  folds the biased batch variance into the running variance (PyTorch the unbiased)."""
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, **kwargs)
+
+
+def _pad(kernel: int) -> tuple:
+  """PyTorch's `padding=kernel // 2` on both sides (flax's "SAME" pads strided
+  convolutions of even inputs on one side only)."""
+  return ((kernel // 2, kernel // 2),) * 2
+
+
+# FedMR's ResNet initialization: conv weights ~ N(0, 2 / (kh * kw * out_channels)),
+# batch norm scale 0.5 and bias 0 (the classifier keeps its default).
+_FEDMR_CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+_FEDMR_BN_SCALE_INIT = nn.initializers.constant(0.5)
+
+
+class PreActBottleneck(nn.Module):
+  """FedMR's `Bottleneck` (expansion 4, pre-activation): three units BN-relu-conv
+  (1x1 `planes`, 3x3 `planes` with `strides`, 1x1 4*`planes`) added to the input, or
+  to a 1x1 convolution of the input (no BN) when `shortcut`; no relu after the sum."""
+  planes: int
+  strides: int = 1
+  shortcut: bool = False
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    residual = x
+    if self.shortcut:
+      residual = Conv(4 * self.planes, (1, 1), (self.strides, self.strides), padding=_pad(1),
+                      use_bias=False, kernel_init=_FEDMR_CONV_INIT, name="shortcut")(x)
+    units = ((self.planes, 1, 1), (self.planes, 3, self.strides), (4 * self.planes, 1, 1))
+    for i, (features, kernel, strides) in enumerate(units, 1):
+      x = nn.relu(batch_norm(train, scale_init=_FEDMR_BN_SCALE_INIT, name=f"unit{i}_bn")(x))
+      x = Conv(features, (kernel, kernel), (strides, strides), padding=_pad(kernel),
+               use_bias=False, kernel_init=_FEDMR_CONV_INIT, name=f"unit{i}_conv")(x)
+    return x + residual
+
+
+class ResNet20(nn.Module):
+  """FedMR's `resnet20` (HMHelloWorld/FedMR, models/Nets.py, `ResNet20_cifar` =
+  `ResNet_cifar(Bottleneck, [2, 2, 2])`), which is not He et al.'s basic-block
+  ResNet-20: a 3x3 conv of `width` channels (no bias, no BN after it), then three
+  stages of two pre-activation bottleneck blocks with `width`, 2x and 4x planes
+  (outputs 4x that: 64/128/256 at width 16), stride 2 in the second and third
+  stage's first block, each stage's first block with a 1x1-conv shortcut without BN
+  (option B without BN); average pool, dense. 20 layers: 1 + 6 * 3 + 1.
+
+  As the official code: its initialization (`_FEDMR_CONV_INIT`, BN scale 0.5) and
+  no final BN-relu before the pool (the official code declares one, `self.bn`, but its
+  forward never calls it; those 512 unused parameters are left out here). The pool
+  is global, which is the official `AvgPool2d(8)` on 32x32 inputs; FedMR's MNIST
+  variant (`ResNet_mnist`: a 3x3 stride-1 max pool after the first conv, `avg_pool2d(7)`)
+  is not reproduced: here 28x28 inputs go through the same network.
+  """
+  num_classes: int
+  width: int = 16
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    # Children are named so that the flattened (key-sorted) parameter tree runs from
+    # input to output, which FedMR's block recombination relies on.
+    x = Conv(self.width, (3, 3), padding=_pad(3), use_bias=False, kernel_init=_FEDMR_CONV_INIT,
+             name="conv1")(x)
+    features = self.width
+    for stage, (planes, strides) in enumerate(
+        ((self.width, 1), (2 * self.width, 2), (4 * self.width, 2)), 1):
+      for block in range(2):
+        s = strides if block == 0 else 1
+        x = PreActBottleneck(planes, s, shortcut=s != 1 or features != 4 * planes,
+                             name=f"layer{stage}_{block}")(x, train)
+        features = 4 * planes
+    return nn.Dense(self.num_classes, name="linear")(x.mean(axis=(1, 2)))
+
+
+# VGG-16's convolution widths; "M": 2x2 max pooling.
+VGG16_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
+                512, 512, 512, "M")
+
+
+class VGG16BN(nn.Module):
+  """FedMR's `VGG16` for CIFAR (HMHelloWorld/FedMR, models/Nets.py): 13 3x3 convs
+  (padding 1, with bias) each followed by BN and relu, max pooling after the 2nd, 4th,
+  7th, 10th and 13th (`VGG16_LAYERS`; 32x32 -> 1x1x512), flatten, then FedMR's
+  classifier: dense4096-relu-dropout, dense4096-relu-dropout, dense (dropout 0.5,
+  PyTorch's default). The official `AvgPool2d(kernel_size=1)` is the identity. Every
+  width (convolutions and the two hidden dense layers) is divided by `scale`. Needs
+  images of at least 32x32 (five pools); FedMR's MNIST `VGG16_mnist` is another
+  network, not reproduced."""
+  num_classes: int
+  scale: int = 1
+  hidden: int = 4096
+  dropout: float = 0.5
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    # conv01 .. conv13, conv01_bn .., fc14 .. fc16: the sorted parameter tree runs
+    # from input to output.
+    layer = 0
+    for width in VGG16_LAYERS:
+      if width == "M":
+        x = max_pool_2x2(x)
+        continue
+      layer += 1
+      x = Conv(max(1, width // self.scale), (3, 3), padding=_pad(3), name=f"conv{layer:02d}")(x)
+      x = nn.relu(batch_norm(train, name=f"conv{layer:02d}_bn")(x))
+    x = x.reshape(x.shape[0], -1)
+    for layer in (14, 15):
+      x = nn.relu(nn.Dense(max(1, self.hidden // self.scale), name=f"fc{layer}")(x))
+      x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    return nn.Dense(self.num_classes, name="fc16")(x)
+
+
 def avg_pool_2_same(x: jax.Array, strides: int) -> jax.Array:
   """Keras `AveragePooling2D(2, strides, padding="same")`: the window is cut at the
   border and the mean is over the pixels inside it (count_include_pad=False)."""
@@ -155,11 +318,28 @@ MODELS: dict[str, tuple[Callable[[int], nn.Module], bool]] = {
     **{f"fedmd_p{i}": (_fedmd(f, d), True) for i, (f, d) in enumerate(FEDMD_PARTIES)},
     **{f"fedmd_small_p{i}": (_fedmd(f, d, FEDMD_SMALL_SCALE), True)
        for i, (f, d) in enumerate(FEDMD_PARTIES)},
+    # The FML paper's official CNN; FedMR's official CNNs, ResNet-20 and VGG-16 (BN);
+    # the _small ones at 1/4 (ResNet) and 1/8 (VGG) of the widths, for CPUs.
+    "fml_cnn": (lambda n: FMLCNN(num_classes=n), True),
+    "cnn_cifar": (lambda n: CNNCifar(num_classes=n), True),
+    "cnn_mnist": (lambda n: CNNMnist(num_classes=n), True),
+    "resnet20": (lambda n: ResNet20(num_classes=n), True),
+    "resnet20_small": (lambda n: ResNet20(num_classes=n, width=4), True),
+    "vgg16_bn": (lambda n: VGG16BN(num_classes=n), True),
+    "vgg16_bn_small": (lambda n: VGG16BN(num_classes=n, scale=8), True),
 }
 
+# Name prefixes of the models with batch norm, whose variables carry "batch_stats"
+# (tests/test_model_zoo.py checks this against every model's variables).
+BATCH_NORM_MODELS = ("fedmd_", "resnet20", "vgg16_bn")
 
 # Models with non-trainable state (batch norm statistics).
-STATEFUL_MODELS = frozenset(name for name in MODELS if name.startswith("fedmd_"))
+STATEFUL_MODELS = frozenset(name for name in MODELS if name.startswith(BATCH_NORM_MODELS))
+
+# The smallest image side each model takes (valid convolutions and pooling shrink
+# the image; VGG pools five times); other image models: 12.
+MIN_IMAGE_SIDE = {"fml_cnn": 18, "cnn_cifar": 16, "cnn_mnist": 16, "vgg16_bn": 32,
+                  "vgg16_bn_small": 32}
 
 
 def build_model(name: str, num_classes: int, input_shape: tuple, field: str = "model") -> nn.Module:
@@ -170,8 +350,9 @@ def build_model(name: str, num_classes: int, input_shape: tuple, field: str = "m
   if needs_image and len(input_shape) != 3:
     raise ConfigError(field, f"model '{name}' needs image inputs (height, width, channels), "
                       f"but the dataset's inputs have shape {input_shape}; use mlp or logreg")
-  if needs_image and min(input_shape[:2]) < 12:
-    raise ConfigError(field, f"model '{name}' needs images of at least 12x12 pixels, "
+  side = MIN_IMAGE_SIDE.get(name, 12)
+  if needs_image and min(input_shape[:2]) < side:
+    raise ConfigError(field, f"model '{name}' needs images of at least {side}x{side} pixels, "
                       f"the dataset's are {input_shape[0]}x{input_shape[1]}")
   return make(num_classes)
 
