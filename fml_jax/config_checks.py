@@ -12,7 +12,7 @@ from __future__ import annotations
 from ml_collections import ConfigDict
 
 from fml_jax import algorithms, privacy, replicas, schedules, settings
-from fml_jax.algorithms import aggregation
+from fml_jax.algorithms import aggregation, batch_norm
 from fml_jax.algorithms.client_models import split_list
 from fml_jax.configs import default
 from fml_jax.data.augment import AUGMENTATIONS
@@ -71,10 +71,7 @@ def validate(config) -> None:
       raise ConfigError("local_models", f"'{name}' is not one of {', '.join(MODELS)}")
   settings.choice(config, "model", tuple(MODELS))
   settings.choice(config, "catfish_model", tuple(MODELS))
-  if cls.averages_models and config.model in STATEFUL_MODELS:
-    raise ConfigError("model", f"'{config.model}' has batch norm statistics, which "
-                      f"{cls.name} would have to average; use it as a local model "
-                      "(local_models) or pick mlp, cnn, lenet5 or logreg")
+  _check_batch_norm(config, cls)
   if split_list(config.client_tasks) and not cls.supports_client_tasks:
     raise ConfigError("client_tasks", f"tasks other than the dataset's own are supported by "
                       f"{_names_with('supports_client_tasks')}, not {cls.name}")
@@ -115,6 +112,27 @@ def _check_availability(config, cls) -> None:
                         f"{_names_with('supports_availability')}")
 
 
+def _check_batch_norm(config, cls) -> None:
+  """Batch-norm models in algorithms that average models, and FedBN (batch_norm=local)."""
+  settings.choice(config, "batch_norm", batch_norm.BATCH_NORM_MODES)
+  stateful = config.model in STATEFUL_MODELS
+  if cls.averages_models and stateful and not cls.supports_batch_norm:
+    raise ConfigError("model", f"'{config.model}' has batch norm statistics, which {cls.name} "
+                      f"does not average; algorithms that do: "
+                      f"{_names_with('supports_batch_norm')} (or pick a model without batch norm)")
+  if config.batch_norm == "local":
+    if not cls.supports_fedbn:
+      raise ConfigError("batch_norm", f"local (FedBN) is supported by "
+                        f"{_names_with('supports_fedbn')}, not {cls.name}")
+    if not stateful:
+      raise ConfigError("batch_norm", f"local keeps the batch-norm layers on the clients, but "
+                        f"model '{config.model}' has none")
+  if stateful and config.get("dp_clip", 0.0) and cls.supports_batch_norm:
+    raise ConfigError("dp_clip", f"'{config.model}' has batch norm statistics, which are "
+                      "computed from client data and would be averaged without clipping or "
+                      "noise; DP-FedAvg needs a model without batch norm")
+
+
 def _names_with(capability: str) -> str:
   return ", ".join(sorted({c.name for c in algorithms.ALGORITHMS.values()
                            if getattr(c, capability)}))
@@ -142,6 +160,7 @@ def _check_generic(config) -> None:
   settings.number(config, "chunk_size", 1, integer=True)
   settings.number(config, "mesh_shape", 0, integer=True)
   settings.number(config, "dirichlet_min_examples", 0, integer=True)
+  settings.boolean(config, "dirichlet_cap")
   settings.number(config, "synthetic_max_client_examples", 0, integer=True)
   if 0 < config.synthetic_max_client_examples < 2:
     raise ConfigError("synthetic_max_client_examples",

@@ -56,9 +56,10 @@ def evaluate_rows(model: nn.Module, variables, x_all: jax.Array, y_all: jax.Arra
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
-def evaluate_global(model: nn.Module, params, data: FederatedData, batch_size: int = 1000):
+def evaluate_global(model: nn.Module, params, data: FederatedData, batch_size: int = 1000,
+                    model_state=None):
   n = data.x_test.shape[0]
-  return evaluate_rows(model, (params, None), data.x_test, data.y_test, jnp.arange(n),
+  return evaluate_rows(model, (params, model_state), data.x_test, data.y_test, jnp.arange(n),
                        jnp.asarray(n), data.normalize, min(batch_size, n))
 
 

@@ -62,6 +62,23 @@ class MLP(nn.Module):
     return nn.Dense(self.num_classes)(x)
 
 
+class MLPBatchNorm(nn.Module):
+  """FedAvg's 2NN with batch norm after each hidden layer (dense, BN, ReLU): the
+  smallest batch-norm model, for tests and for FedBN on vector data. BN as PyTorch's
+  defaults (momentum 0.1, i.e. flax's 0.9; epsilon 1e-5)."""
+  num_classes: int
+  hidden: tuple = (200, 200)
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = x.reshape(x.shape[0], -1)
+    for width in self.hidden:
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(
+          nn.Dense(width)(x))
+      x = nn.relu(x)
+    return nn.Dense(self.num_classes)(x)
+
+
 class CNN(nn.Module):
   """FedAvg's CNN: 5x5 conv 32, pool, 5x5 conv 64, pool, dense 512, dense out."""
   num_classes: int
@@ -309,6 +326,7 @@ MODELS: dict[str, tuple[Callable[[int], nn.Module], bool]] = {
     "mlp": (lambda n: MLP(num_classes=n), False),
     "mlp_small": (lambda n: MLP(num_classes=n, hidden=(100,)), False),
     "mlp_wide": (lambda n: MLP(num_classes=n, hidden=(400, 400)), False),
+    "mlp_bn": (lambda n: MLPBatchNorm(num_classes=n), False),
     "cnn": (lambda n: CNN(num_classes=n), True),
     "lenet5": (lambda n: LeNet5(num_classes=n), True),
     # fedmd_cnn2 / fedmd_cnn3: the two types; fedmd_p0 .. fedmd_p9: the ten parties;
@@ -331,7 +349,7 @@ MODELS: dict[str, tuple[Callable[[int], nn.Module], bool]] = {
 
 # Name prefixes of the models with batch norm, whose variables carry "batch_stats"
 # (tests/test_model_zoo.py checks this against every model's variables).
-BATCH_NORM_MODELS = ("fedmd_", "resnet20", "vgg16_bn")
+BATCH_NORM_MODELS = ("fedmd_", "resnet20", "vgg16_bn", "mlp_bn")
 
 # Models with non-trainable state (batch norm statistics).
 STATEFUL_MODELS = frozenset(name for name in MODELS if name.startswith(BATCH_NORM_MODELS))

@@ -24,7 +24,7 @@ from fml_jax.data import FederatedData, load_federated_data
 from fml_jax.errors import UserError
 from fml_jax.privacy import PrivacyAccountant
 from fml_jax.replicas import Replica, ReplicaSet
-from fml_jax.rounds import RoundState, Runner, client_mesh
+from fml_jax.rounds import GlobalModel, RoundState, Runner, client_mesh
 
 
 def count_params(tree) -> int:
@@ -42,7 +42,8 @@ def evaluate(runner: Runner, state: RoundState, data: FederatedData) -> dict:
   result = {"global_test_acc": None, "global_test_loss": None}
   global_model = algorithm.global_model(state.server)
   if global_model is not None:
-    acc, loss = evaluation.evaluate_global(global_model[0], global_model[1], data)
+    model, params, model_state = GlobalModel(*global_model)
+    acc, loss = evaluation.evaluate_global(model, params, data, model_state=model_state)
     result.update(global_test_acc=float(acc), global_test_loss=float(loss))
   models = algorithm.personalized_models(state.server, state.population)
   accs = evaluation.evaluate_all_personalized(models, data)

@@ -107,7 +107,7 @@ def test_recombination_preserves_the_mean_model():
   mean_trained = jax.tree.map(lambda *u: np.mean(np.stack(u), 0), *uploads)
   state, _ = runner.run_round(state)
   assert not slots_all_equal(state)
-  _, global_params = runner.algorithm.global_model(state.server)
+  global_params = runner.algorithm.global_model(state.server).params
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                global_params, mean_trained)
   np.testing.assert_array_equal(np.asarray(state.server["last_client"]),

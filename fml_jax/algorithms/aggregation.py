@@ -115,10 +115,16 @@ class ServerOptimizer:
 
   def update(self, server_state: dict, uploads, context) -> tuple[dict, dict]:
     """An algorithm's whole server step when its server state is {"params", plus the
-    optimizer's entries} and the uploads are parameters: (new server state, metrics)."""
+    optimizer's entries, plus "model_state" for a batch-norm model} and the uploads are
+    `batch_norm.model_upload`s: (new server state, metrics). Running statistics are
+    averaged with the same weights; the optimizer moves only the parameters."""
+    new = {}
+    if "model_state" in server_state:
+      uploads, statistics = uploads["params"], uploads["model_state"]
+      new["model_state"] = weighted_mean(statistics, context.weights)
     params, opt_state, metrics = self.step(server_state["params"], server_state, uploads,
                                            context.weights, context.key)
-    return {"params": params, **opt_state}, metrics
+    return {"params": params, **opt_state, **new}, metrics
 
   def step(self, params, server_state: dict, uploads, weights, key=None) -> tuple:
     """(new params, the optimizer's new server-state entries, metrics) from the cohort's

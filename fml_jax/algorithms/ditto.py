@@ -29,7 +29,7 @@ from fml_jax.local_training import run_local_steps
 from fml_jax.models import build_model, init_params
 from fml_jax.optimizers import TrainState
 from fml_jax.rounds.algorithm import global_model_key
-from fml_jax.rounds.types import ClientResult
+from fml_jax.rounds.types import ClientResult, GlobalModel
 
 DEFAULTS = {
     "lam": 0.1,              # weight of the proximal term pulling v toward w
@@ -96,4 +96,4 @@ class Ditto(ClientModelsAlgorithm):
     return {"params": server_state["params"]}
 
   def global_model(self, server_state):
-    return self.model, server_state["params"]
+    return GlobalModel(self.model, server_state["params"])

@@ -6,18 +6,26 @@ left out statically). Clients keep no state between rounds: each round starts fr
 the global model with a fresh optimizer. The server step is the `server` section's
 optimizer on the averaged uploads (fml_jax/algorithms/aggregation.py): FedAvg's plain
 average by default, FedAvgM / FedAdam / FedYogi / FedAdagrad by setting.
+
+Batch-norm models (fml_jax/algorithms/batch_norm.py): the running statistics travel
+with the parameters and are averaged with them (`batch_norm=average`), or each client
+keeps its batch-norm layers across rounds (`batch_norm=local`: FedBN, whose clients
+then hold that private part as their persistent state).
 """
 
 from __future__ import annotations
 
 from fml_jax import losses, settings
 from fml_jax.settings import is_static_zero
+import jax
+
+from fml_jax.algorithms import batch_norm
 from fml_jax.algorithms.aggregation import ServerOptimizer
 from fml_jax.algorithms.steps import supervised_step
-from fml_jax.models import build_model, init_params
+from fml_jax.models import build_model, init_variables
 from fml_jax.optimizers import TrainState, make_optimizer
 from fml_jax.rounds.algorithm import Algorithm, global_model_key
-from fml_jax.rounds.types import ClientResult, PersonalizedModels
+from fml_jax.rounds.types import ClientResult, GlobalModel, PersonalizedModels
 
 
 class FedAvg(Algorithm):
@@ -25,6 +33,8 @@ class FedAvg(Algorithm):
   default_aggregation = "weighted"   # McMahan et al. weight by client example count
   averages_models = True
   supports_availability = True
+  supports_batch_norm = True
+  supports_fedbn = True
   supports_dp = True
   uses_server_optimizer = True
 
@@ -38,34 +48,58 @@ class FedAvg(Algorithm):
     self.optimizer = make_optimizer(config)
     self.server_optimizer = ServerOptimizer.from_config(config)
     self.prox_mu = 0.0
+    self.fedbn = config.get("batch_norm", "average") == "local"
 
   def init(self, key, group_sizes):
-    params = init_params(self.model, global_model_key(key), self.input_shape)
-    return {"params": params, **self.server_optimizer.init(params)}, ((),)
+    variables = init_variables(self.model, global_model_key(key), self.input_shape)
+    params = variables.pop("params")
+    server = {"params": params, **self.server_optimizer.init(params)}
+    if variables:   # batch norm: the global model's running statistics
+      server["model_state"] = variables
+    if self.fedbn:   # every client starts with the global model's batch-norm layers
+      return server, (batch_norm.init_local_layers(params, variables, group_sizes[0]),)
+    return server, ((),)
+
+  def client_params(self, server_state, client_state):
+    """(params, model_state) a client starts its round from."""
+    if self.fedbn:
+      return (batch_norm.with_batch_norm_params(server_state["params"],
+                                                client_state["bn_params"]),
+              client_state["model_state"])
+    return server_state["params"], server_state.get("model_state")
 
   def client_update(self, server_state, client_state, client, data, group):
-    global_params = server_state["params"]
+    params, model_state = self.client_params(server_state, client_state)
     regularizer = None
-    if not is_static_zero(self.prox_mu):
-      regularizer = lambda p: 0.5 * self.prox_mu * losses.proximal_term(p, global_params)
+    if not is_static_zero(self.prox_mu):   # toward the model the client started from
+      regularizer = lambda p: 0.5 * self.prox_mu * losses.proximal_term(p, params)
     step = supervised_step(self.model, self.optimizer, regularizer,
                            lr_scale=self.lr_scale(client))
-    state, metrics = self.train(step, TrainState.create(global_params, self.optimizer),
+    state, metrics = self.train(step, TrainState.create(params, self.optimizer, model_state),
                                 client, data)
-    return ClientResult(client_state=client_state, upload=state.params, metrics=metrics)
+    if self.fedbn:
+      client_state = batch_norm.local_layers(state.params, state.model_state)
+    return ClientResult(client_state=client_state, upload=batch_norm.model_upload(state),
+                        metrics=metrics)
 
   def server_update(self, server_state, uploads, context):
     return self.server_optimizer.update(server_state, uploads, context)
 
   def broadcast(self, server_state):
-    return {"params": server_state["params"]}   # not the server optimizer's moments
+    # The model, not the server optimizer's moments.
+    return {k: v for k, v in server_state.items() if k in ("params", "model_state")}
 
   def global_model(self, server_state):
-    return self.model, server_state["params"]
+    return GlobalModel(self.model, server_state["params"], server_state.get("model_state"))
 
   def personalized_models(self, server_state, population):
+    if self.fedbn:   # each client with its own batch-norm layers
+      params, model_state = jax.vmap(lambda c: self.client_params(server_state, c))(
+          population[0])
+      return [PersonalizedModels(self.model, params, per_client=True, model_state=model_state)]
     # No personalization: every client is evaluated with the global model.
-    return [PersonalizedModels(self.model, server_state["params"], per_client=False)]
+    return [PersonalizedModels(self.model, server_state["params"], per_client=False,
+                               model_state=server_state.get("model_state"))]
 
 
 class FedProx(FedAvg):

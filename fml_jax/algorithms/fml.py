@@ -14,6 +14,9 @@ step by deep mutual learning; the server averages the memes.
 - Dynamic balance: alpha, beta and the learning rate follow schedules over rounds
   (fml_jax/schedules.py), reported in the metrics.
 
+A batch-norm meme (`model`) carries its running statistics: clients fork them with the
+meme and the server averages them with it (fml_jax/algorithms/batch_norm.py).
+
 Settings: the `fml` config section (`--config.fml.alpha=0.3`); the memes' average
 goes through the `server` section's optimizer (fml_jax/algorithms/aggregation.py).
 """
@@ -24,13 +27,14 @@ import jax
 import jax.numpy as jnp
 
 from fml_jax import losses, schedules, settings
+from fml_jax.algorithms import batch_norm
 from fml_jax.algorithms.aggregation import ServerOptimizer
 from fml_jax.algorithms.client_models import ClientModelsAlgorithm
 from fml_jax.algorithms.steps import loss_step
-from fml_jax.models import build_model, forward, init_params
+from fml_jax.models import build_model, forward, init_variables
 from fml_jax.optimizers import TrainState
 from fml_jax.rounds.algorithm import global_model_key
-from fml_jax.rounds.types import ClientResult
+from fml_jax.rounds.types import ClientResult, GlobalModel
 
 # The `fml` config section.
 DEFAULTS = {
@@ -60,6 +64,7 @@ class FML(ClientModelsAlgorithm):
   config_section = "fml"
   default_aggregation = "uniform"   # the official code averages memes uniformly
   averages_models = True
+  supports_batch_norm = True   # a batch-norm meme: its statistics are averaged with it
   uses_server_optimizer = True
   supports_client_tasks = True
   supports_availability = True
@@ -91,8 +96,12 @@ class FML(ClientModelsAlgorithm):
     self.server_optimizer = ServerOptimizer.from_config(config)
 
   def init(self, key, group_sizes):
-    params = init_params(self.meme_model, global_model_key(key), self.input_shape)
-    return {"params": params, **self.server_optimizer.init(params)}, self.init_clients(key)
+    variables = init_variables(self.meme_model, global_model_key(key), self.input_shape)
+    params = variables.pop("params")
+    server = {"params": params, **self.server_optimizer.init(params)}
+    if variables:   # a batch-norm meme: the global model's running statistics
+      server["model_state"] = variables
+    return server, self.init_clients(key)
 
   def make_step(self, group: int, alpha, beta, lr_scale):
     local_model, task = self.groups[group].model, self.groups[group].task
@@ -124,18 +133,21 @@ class FML(ClientModelsAlgorithm):
     alpha, beta, lr_scale = (schedules.value_at(self.schedules[kind], client.round)
                              for kind in schedules.KINDS)
     lr_scale = lr_scale * self.lr_scale(client)   # fml.lr_schedule and the clients' lr_schedule
-    meme = TrainState.create(server_state["params"], self.optimizer)   # fork + fresh optimizer
+    meme = TrainState.create(server_state["params"], self.optimizer,   # fork + fresh optimizer
+                             server_state.get("model_state"))
     (meme, local), metrics = self.train(self.make_step(group, alpha, beta, lr_scale),
                                         (meme, client_state), client, data)
     metrics.update(alpha=jnp.float32(alpha), beta=jnp.float32(beta),
                    lr_scale=jnp.float32(lr_scale))
-    return ClientResult(client_state=local, upload=meme.params, metrics=metrics)
+    return ClientResult(client_state=local, upload=batch_norm.model_upload(meme),
+                        metrics=metrics)
 
   def server_update(self, server_state, uploads, context):
     return self.server_optimizer.update(server_state, uploads, context)
 
   def broadcast(self, server_state):
-    return {"params": server_state["params"]}   # not the server optimizer's moments
+    # The meme, not the server optimizer's moments.
+    return {k: v for k, v in server_state.items() if k in ("params", "model_state")}
 
   def global_model(self, server_state):
-    return self.meme_model, server_state["params"]
+    return GlobalModel(self.meme_model, server_state["params"], server_state.get("model_state"))

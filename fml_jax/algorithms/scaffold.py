@@ -30,7 +30,7 @@ from fml_jax.algorithms.steps import counted, supervised_step
 from fml_jax.models import build_model, init_params
 from fml_jax.optimizers import TrainState, make_optimizer
 from fml_jax.rounds.algorithm import Algorithm, global_model_key
-from fml_jax.rounds.types import ClientResult, PersonalizedModels
+from fml_jax.rounds.types import ClientResult, GlobalModel, PersonalizedModels
 
 
 def zeros_like_stacked(params, n: int):
@@ -89,7 +89,7 @@ class Scaffold(Algorithm):
     return {"params": server_state["params"], "control": server_state["control"]}
 
   def global_model(self, server_state):
-    return self.model, server_state["params"]
+    return GlobalModel(self.model, server_state["params"])
 
   def personalized_models(self, server_state, population):
     return [PersonalizedModels(self.model, server_state["params"], per_client=False)]

@@ -33,6 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.partition = "natural"         # natural (synthetic only) | iid | dirichlet | shards
   c.dirichlet_alpha = 0.5
   c.dirichlet_min_examples = 10   # redraw a Dirichlet split until every client has this many
+  c.dirichlet_cap = False         # a client holding N / num_clients examples takes no more
+                                  # (NIID-Bench's split, FedMR's official code)
   c.shards_per_client = 2
   c.client_max_examples = 0       # keep at most this many training examples per client (0: all)
   c.synthetic_alpha = 1.0         # Synthetic(a, b): spread of the clients' models
@@ -44,6 +46,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.augment_padding = 4           # crop_flip: zero pixels around each image before the crop
   # Models.
   c.model = "mlp"                 # global / meme model: logreg | mlp | cnn | lenet5 | ...
+  # Batch-norm models in algorithms that average models (fml_jax/algorithms/batch_norm.py):
+  # average (running statistics averaged with the parameters, as PyTorch state-dict
+  # averaging does) | local (FedBN: each client keeps its batch-norm layers; fedavg, fedprox).
+  c.batch_norm = "average"
   # Clients' private models (FML's local, local-only, FedMD's and FedH2L's parties):
   # comma-separated, assigned round-robin (num_clients entries: one per client);
   # "" = same as model. Each distinct (model, task) is an architecture group.

@@ -16,9 +16,9 @@ from fml_jax.rounds.protocol import AGGREGATIONS
 from fml_jax.rounds.runner import Runner
 from fml_jax.rounds.sampling import apportion
 from fml_jax.rounds.stores import PLACEMENTS, client_mesh
-from fml_jax.rounds.types import (ClientInfo, ClientResult, Cohort, PersonalizedModels,
-                                  RoundContext, RoundReport, RoundState)
+from fml_jax.rounds.types import (ClientInfo, ClientResult, Cohort, GlobalModel,
+                                  PersonalizedModels, RoundContext, RoundReport, RoundState)
 
-__all__ = ["AGGREGATIONS", "Algorithm", "ClientInfo", "ClientResult", "Cohort", "PLACEMENTS",
+__all__ = ["AGGREGATIONS", "Algorithm", "ClientInfo", "ClientResult", "Cohort", "GlobalModel", "PLACEMENTS",
            "PersonalizedModels", "RoundContext", "RoundReport", "RoundState", "Runner",
            "STRATEGIES", "apportion", "client_mesh"]

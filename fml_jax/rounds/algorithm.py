@@ -45,7 +45,8 @@ import numpy as np
 
 from fml_jax import schedules
 from fml_jax.local_training import run_local_steps
-from fml_jax.rounds.types import ClientInfo, ClientResult, PersonalizedModels, RoundContext
+from fml_jax.rounds.types import (ClientInfo, ClientResult, GlobalModel, PersonalizedModels,
+                                  RoundContext)
 from fml_jax.trees import tree_bytes
 
 
@@ -74,7 +75,11 @@ class Algorithm(abc.ABC):
   exchanges_messages: bool = False       # whether client_message / exchange run
   has_warm_start: bool = False           # whether warm_start runs before round 1
   # Capabilities, read by the generic config checks.
-  averages_models: bool = False          # the server averages parameters (no batch norm models)
+  averages_models: bool = False          # the server averages parameters
+  # Batch-norm models (running statistics averaged with the parameters: batch_norm.py);
+  # an algorithm that averages models without it refuses them.
+  supports_batch_norm: bool = False
+  supports_fedbn: bool = False           # batch_norm=local: FedBN's private batch-norm layers
   uses_server_optimizer: bool = False    # the `server` section applies to its averaging
   needs_public_data: bool = False        # a public / seed set (public_size or public_dataset)
   supports_client_tasks: bool = False    # client_tasks other than the dataset's own
@@ -160,8 +165,9 @@ class Algorithm(abc.ABC):
   def server_update(self, server_state, uploads, context: RoundContext) -> tuple[Any, dict]:
     return server_state, {}
 
-  def global_model(self, server_state) -> Optional[tuple[nn.Module, Any]]:
-    """(model, params) of the global model, or None if the algorithm has none."""
+  def global_model(self, server_state) -> Optional[GlobalModel]:
+    """The global model (module, params, batch-norm statistics), or None if the
+    algorithm has none."""
     return None
 
   @abc.abstractmethod

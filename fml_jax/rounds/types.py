@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import flax.struct
@@ -68,6 +68,14 @@ class ClientResult:
   client_state: Any   # the client's new persistent state (same structure as its population slice)
   upload: Any         # what the server aggregates (may be an empty tuple)
   metrics: dict       # scalar training metrics, e.g. {"train_loss": ...}
+
+
+class GlobalModel(NamedTuple):
+  """The model global evaluation runs: its module, parameters and, for a batch-norm
+  model, its running statistics (None otherwise)."""
+  model: nn.Module
+  params: Any
+  model_state: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
