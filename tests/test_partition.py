@@ -346,3 +346,35 @@ def test_check_partition_fits_dataset_rejects(dataset, partition_name, needle):
   assert e.value.field == "partition"
   assert str(e.value).startswith("config.partition: ")
   assert needle in str(e.value)
+
+
+def niid_bench_reference(labels, num_clients, alpha, min_examples, rng):
+  """NIID-Bench's capped Dirichlet split (FedMR's official code), restated plainly with
+  the same random draws: per class, proportions ~ Dir(alpha), zeroed for clients that
+  already hold N / num_clients examples, renormalized, cut by cumulative share."""
+  n = len(labels)
+  while True:
+    parts = [[] for _ in range(num_clients)]
+    for c in np.unique(labels):
+      idx = rng.permutation(np.flatnonzero(labels == c))
+      p = rng.dirichlet(np.repeat(alpha, num_clients))
+      p = np.array([q * (len(part) < n / num_clients) for q, part in zip(p, parts)])
+      p = p / p.sum()
+      cuts = (np.cumsum(p) * len(idx)).astype(int)[:-1]
+      parts = [part + piece.tolist() for part, piece in zip(parts, np.split(idx, cuts))]
+    if min(len(part) for part in parts) >= min_examples:
+      return [np.sort(np.array(part, dtype=np.int64)) for part in parts]
+
+
+def test_dirichlet_cap_is_niid_benchs_split():
+  labels = balanced_labels(10, 200, seed=1)
+  for seed in range(3):
+    parts = partition.dirichlet(labels, 8, 0.3, 10, np.random.default_rng(seed), cap=True)
+    assert_exact_cover(parts, len(labels))
+    expected = niid_bench_reference(labels, 8, 0.3, 10, np.random.default_rng(seed))
+    for got, want in zip(parts, expected):
+      np.testing.assert_array_equal(got, want)
+  # The cap bounds the largest client: over 20 draws, capped clients are smaller.
+  largest = lambda cap: np.mean([max(len(p) for p in partition.dirichlet(
+      labels, 8, 0.3, 1, np.random.default_rng(s), cap=cap)) for s in range(20)])
+  assert largest(True) < largest(False)

@@ -173,7 +173,8 @@ def partition_train_set(config, labels: np.ndarray, rng: np.random.Generator) ->
     return partition.iid(len(labels), config.num_clients, rng)
   if config.partition == "dirichlet":
     return partition.dirichlet(labels, config.num_clients, config.dirichlet_alpha,
-                               config.dirichlet_min_examples, rng)
+                               config.dirichlet_min_examples, rng,
+                               cap=bool(config.get("dirichlet_cap", False)))
   if config.partition == "shards":
     return partition.shards(labels, config.num_clients, config.shards_per_client, rng)
   raise ConfigError("partition", f"'{config.partition}' is not available for dataset "

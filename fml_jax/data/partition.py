@@ -36,11 +36,14 @@ def iid(num_examples: int, num_clients: int,
 
 def dirichlet(labels: np.ndarray, num_clients: int, alpha: float,
               min_examples: int, rng: np.random.Generator,
-              max_attempts: int = 1000) -> list[np.ndarray]:
+              max_attempts: int = 1000, cap: bool = False) -> list[np.ndarray]:
   """Label skew of Hsu et al. 2019: each class is split by proportions ~ Dir(alpha).
 
   Redraws the whole partition until every client holds at least `min_examples`
-  (the usual practice in the FL literature); small alpha is more skewed.
+  (the usual practice in the FL literature); small alpha is more skewed. With `cap`
+  (NIID-Bench's split, which FedMR's official code uses), a client that already holds
+  N / num_clients examples gets no share of the classes that follow (its proportion is
+  set to 0 and the others renormalized), which bounds how large a client grows.
   """
   if num_clients * max(min_examples, 1) > len(labels):
     raise ConfigError(
@@ -53,6 +56,10 @@ def dirichlet(labels: np.ndarray, num_clients: int, alpha: float,
     for idx in by_class:
       idx = rng.permutation(idx)
       proportions = rng.dirichlet(np.full(num_clients, alpha))
+      if cap:   # clients at N / num_clients or more take no more examples
+        sizes = np.array([sum(len(piece) for piece in p) for p in parts])
+        proportions = proportions * (sizes < len(labels) / num_clients)
+        proportions = proportions / proportions.sum()
       cuts = (np.cumsum(proportions)[:-1] * len(idx)).astype(np.int64)
       for client, piece in enumerate(np.split(idx, cuts)):
         parts[client].append(piece)
