@@ -63,19 +63,32 @@ def evaluate_global(model: nn.Module, params, data: FederatedData, batch_size: i
                        jnp.asarray(n), data.normalize, min(batch_size, n))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+@functools.partial(jax.jit, static_argnums=(0, 3, 4, 8))
 def _evaluate_client_chunk(model, variables, data, per_client: bool, batch_size: int, idx, count,
-                           label_map):
+                           label_map, one_at_a_time: bool = False):
   def one(v, i, n):
     return evaluate_rows(model, v, data.x_test, data.y_test, i, n, data.normalize, batch_size,
                          label_map)
+  if per_client and one_at_a_time:   # a loop in the program: each client's model on its own
+    return jax.lax.map(lambda args: one(*args), (variables, idx, count))
   return jax.vmap(one, in_axes=(0 if per_client else None, 0, 0))(variables, idx, count)
 
 
+def _one_model_at_a_time() -> bool:
+  """Whether per-client models are evaluated one after another inside the chunk instead
+  of vmapped. On XLA:CPU a vmap over models turns every convolution into a grouped
+  one, which is slow: five `fml_cnn` models on the 10,000 MNIST test images took
+  19.6 s vmapped and 4.4 s one at a time on a 2-core CPU, MLPs alike either way
+  (benchmarks/evaluation.py; benchmarks/RESULTS.md, "Evaluation")."""
+  return jax.default_backend() == "cpu"
+
+
 def evaluate_personalized(models: PersonalizedModels, data: FederatedData,
-                          on_global_test: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                          on_global_test: bool = False,
+                          one_at_a_time: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Per-client (accuracy, loss) of each client's model on its own test split (or, with
-  `on_global_test`, on the whole global test set).
+  `on_global_test`, on the whole global test set). `one_at_a_time`: per-client models
+  one after another within a chunk instead of vmapped (None: on the CPU only).
 
   Clients go through in fixed-size chunks (the last one padded by repeating its
   first entry, then dropped) so one compiled function serves every chunk.
@@ -108,7 +121,9 @@ def evaluate_personalized(models: PersonalizedModels, data: FederatedData,
     chunk_vars = jax.device_put(chunk_vars, data.x_test.sharding)
     acc, loss = _evaluate_client_chunk(models.model, chunk_vars, data, models.per_client,
                                        batch_size, test_rows(rows), test_n[rows],
-                                       models.label_map)
+                                       models.label_map,
+                                       _one_model_at_a_time() if one_at_a_time is None
+                                       else one_at_a_time)
     keep = min(chunk, num - start)
     accs.append(np.asarray(acc)[:keep])
     losses.append(np.asarray(loss)[:keep])
@@ -116,6 +131,8 @@ def evaluate_personalized(models: PersonalizedModels, data: FederatedData,
 
 
 def evaluate_all_personalized(models: list[PersonalizedModels], data: FederatedData,
-                              on_global_test: bool = False) -> np.ndarray:
+                              on_global_test: bool = False,
+                              one_at_a_time: bool | None = None) -> np.ndarray:
   """Accuracy of every evaluated client's model (all groups, concatenated)."""
-  return np.concatenate([evaluate_personalized(m, data, on_global_test)[0] for m in models])
+  return np.concatenate([evaluate_personalized(m, data, on_global_test, one_at_a_time)[0]
+                         for m in models])

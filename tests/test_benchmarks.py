@@ -60,3 +60,13 @@ def test_replicas_quick(tmp_path):
           row["separate"]["per_replica_s"] / row[mode]["per_replica_s"])
     assert row["vmap"]["speedup_vs_separate_vmap"] == pytest.approx(
         row["separate_vmap"]["per_replica_s"] / row["vmap"]["per_replica_s"])
+
+
+def test_evaluation_quick(tmp_path):
+  out = tmp_path / "evaluation.json"
+  proc = subprocess.run([sys.executable, "benchmarks/evaluation.py", "--quick", f"--out={out}"],
+                        cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  [row] = json.loads(out.read_text())["results"].values()
+  assert row["vmap_s"] > 0 and row["one_at_a_time_s"] > 0
+  assert row["max_accuracy_difference"] < 1e-6   # the same scores either way
