@@ -15,6 +15,8 @@ Experiments (`python experiments/run.py --list` prints them with their runs):
                 three noise levels; FML's local models against Ditto, FedRep and local-only
   distillation  FedH2L vs FML vs FedMD with heterogeneous architectures: accuracy on the
                 global test distribution and bytes communicated
+  official      the authors' regimes (configs/fml_official.py, fedmr_official.py), cut
+                to a CPU's size: FML vs FedAvg on MNIST and CIFAR-10, FedMR vs FedAvg
 
 Every run is a normal `fml_jax.train.run` in OUT/EXPERIMENT/RUN (a finished run is
 reused, so an interrupted experiment continues where it stopped). Afterwards
@@ -153,8 +155,29 @@ def _federations():
   return runs
 
 
+def _official():
+  """The authors' own regimes, each algorithm against FedAvg in the same regime, cut to
+  what a 2-core CPU runs with 3 seeds in about an hour (the cuts: each client's data,
+  the rounds; the full regimes are configs/fml_official.py and configs/fedmr_official.py
+  as they are, for an accelerator). The learning-rate steps of fml_official follow the
+  rounds run (x0.1 every num_rounds // 3)."""
+  from fml_jax.configs import fedmr_official, fml_official   # pylint: disable=g-import-not-at-top
+  fml = dict(fml_official.get_config().to_dict(), client_max_examples=1000, num_rounds=20,
+             eval_every=5, checkpoint_every=0)
+  fedmr = dict(fedmr_official.get_config().to_dict(), num_rounds=30, eval_every=5,
+               checkpoint_every=0)
+  runs = {}
+  for dataset, rounds in (("mnist", 20), ("cifar10", 15)):
+    for algorithm in ("fml", "fedavg"):
+      runs[f"fml-{dataset}-{algorithm}"] = dict(fml, dataset=dataset, num_rounds=rounds,
+                                                algorithm=algorithm)
+  for algorithm in ("fedmr", "fedavg"):
+    runs[f"fedmr-cifar10-{algorithm}"] = dict(fedmr, algorithm=algorithm)
+  return runs
+
+
 EXPERIMENTS = {"baselines": _baselines, "dom": _dom, "fedmd": _fedmd, "fedmr": _fedmr,
-               "distillation": _distillation, "federations": _federations}
+               "distillation": _distillation, "federations": _federations, "official": _official}
 
 # --quick: the same runs, shrunk to seconds each (MNIST only).
 QUICK = dict(num_clients=4, clients_per_round=4, num_rounds=2, eval_every=1, local_epochs=1,
@@ -169,7 +192,8 @@ QUICK_RUNS = {"baselines": ("mnist-dir0.1-fml",),
               "fedmd": ("fedmd-small-family",),
               "fedmr": ("dir0.5-fedmr",),
               "distillation": ("fedh2l",),
-              "federations": ("dropout0.3-scaffold",)}
+              "federations": ("dropout0.3-scaffold",),
+              "official": ("fml-mnist-fml",)}
 
 
 def quick(overrides: dict) -> dict:
@@ -285,7 +309,7 @@ def run_experiment(name: str, out: Path, is_quick: bool, data_dir: str = "",
 ALGORITHM_FIELDS = frozenset({"algorithm", "aggregation", "server", *algorithms.section_defaults()})
 # Where a run keeps its files: never a difference between two runs' results.
 BOOKKEEPING_FIELDS = frozenset({"data_dir", "checkpoint_every", "checkpoints_to_keep"})
-PAIRED_METRICS = ("local_test_acc_mean", "global_test_acc")
+PAIRED_METRICS = ("local_test_acc_mean", "global_test_acc", "client_global_test_acc_mean")
 
 
 def differs_only_in_algorithm(config_a: dict, config_b: dict) -> bool:
