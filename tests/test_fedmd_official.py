@@ -99,6 +99,12 @@ def test_public_batch_size_sets_the_public_steps():
                                   2 * steps(PUBLIC, batch) + 3 * steps(train_n[0], 32))
 
 
+def test_auto_rule_counts_revisit_steps_with_the_revisit_batch():
+  runner = make_runner(party_config(), "vmap")
+  max_train = int(runner.data.max_train)
+  assert runner.local_steps_per_round() == 1 * steps(max_train, 8)   # not batch_size 32
+
+
 # --- (b) the L2 penalty on the last Dense kernel ---------------------------------------
 
 

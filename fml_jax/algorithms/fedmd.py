@@ -413,6 +413,9 @@ class FedMD(ClientModelsAlgorithm):
                                      c.revisit_batch_size)
     return ClientResult(client_state=state, upload=(), metrics={**metrics, **digest_metrics})
 
+  def local_batch_size(self):
+    return self.settings.revisit_batch_size   # the revisit is a round's private training
+
   def server_update(self, server_state, uploads, context):
     return {}, {}   # nothing persists on the server between rounds
 

@@ -104,6 +104,11 @@ class Algorithm(abc.ABC):
     self.lr_table = schedules.clients_lr_table(config.get("lr_schedule", ""),
                                                config.get("num_rounds", 1))
 
+  def local_batch_size(self) -> int:
+    """The batch size of a client's local steps in a round (what the runner's `auto`
+    rule counts steps with)."""
+    return self.config.batch_size
+
   def lr_scale(self, client: ClientInfo):
     """The factor on the clients' learning rate in this client's round (a Python 1.0
     without a schedule, so nothing is added to the step)."""

@@ -81,7 +81,7 @@ class Runner:
     """Local steps every client scans in a round (local_epochs x batches of the longest
     row of the index table)."""
     config = self.algorithm.config
-    return config.local_epochs * -(-self.data.max_train // config.batch_size)
+    return config.local_epochs * -(-self.data.max_train // self.algorithm.local_batch_size())
 
   def _cpu_prefers_vmap(self, protocol) -> bool:
     if self.local_steps_per_round() > CPU_VMAP_MAX_STEPS:
