@@ -164,10 +164,10 @@ def _official():
   from fml_jax.configs import fedmr_official, fml_official   # pylint: disable=g-import-not-at-top
   fml = dict(fml_official.get_config().to_dict(), client_max_examples=1000, num_rounds=20,
              eval_every=5, checkpoint_every=0)
-  fedmr = dict(fedmr_official.get_config().to_dict(), num_rounds=30, eval_every=5,
+  fedmr = dict(fedmr_official.get_config().to_dict(), num_rounds=20, eval_every=5,
                checkpoint_every=0)
   runs = {}
-  for dataset, rounds in (("mnist", 20), ("cifar10", 15)):
+  for dataset, rounds in (("mnist", 20), ("cifar10", 10)):
     for algorithm in ("fml", "fedavg"):
       runs[f"fml-{dataset}-{algorithm}"] = dict(fml, dataset=dataset, num_rounds=rounds,
                                                 algorithm=algorithm)

@@ -18,7 +18,7 @@ uniformly: aggregation=uniform here).
 On MNIST add --config.dataset=mnist (no augmentation there). What it reaches, and
 the paired multi-seed comparison with FedAvg: experiments/RESULTS.md, "The authors'
 regimes" (`python experiments/run.py official`), with the wall time of each run on a
-2-core CPU, which runs the regime cut (1,000 examples per client, 15-20 rounds); an
+2-core CPU, which runs the regime cut (1,000 examples per client, 10-20 rounds); an
 accelerator runs this file as it is.
 """
 
