@@ -7,9 +7,10 @@ import json
 import subprocess
 import sys
 
-from conftest import REPO
+from conftest import REPO, requires_mnist
 
 
+@requires_mnist   # parts 4 and 6 train on MNIST, as the suite does on the GPU
 def test_accelerator_suite_tiny(tmp_path):
   # The GPU suite's rehearsal (benchmarks/accelerator_suite.py --tiny): every part runs,
   # reports ok and prints its table. About a minute on an idle 2-core CPU (compiles are
