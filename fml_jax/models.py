@@ -50,31 +50,21 @@ class LogReg(nn.Module):
 
 
 class MLP(nn.Module):
-  """FedAvg's "2NN": two hidden layers of 200 units with ReLU."""
+  """FedAvg's "2NN": two hidden layers of 200 units with ReLU. With `batch_norm`, a
+  batch norm between each hidden dense layer and its ReLU (`mlp_bn`: the smallest
+  batch-norm model, for tests and for FedBN on vector data), with PyTorch's defaults
+  (momentum 0.1, i.e. flax's 0.9; epsilon 1e-5)."""
   num_classes: int
   hidden: tuple = (200, 200)
+  batch_norm: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     x = x.reshape(x.shape[0], -1)
     for width in self.hidden:
-      x = nn.relu(nn.Dense(width)(x))
-    return nn.Dense(self.num_classes)(x)
-
-
-class MLPBatchNorm(nn.Module):
-  """FedAvg's 2NN with batch norm after each hidden layer (dense, BN, ReLU): the
-  smallest batch-norm model, for tests and for FedBN on vector data. BN as PyTorch's
-  defaults (momentum 0.1, i.e. flax's 0.9; epsilon 1e-5)."""
-  num_classes: int
-  hidden: tuple = (200, 200)
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    x = x.reshape(x.shape[0], -1)
-    for width in self.hidden:
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(
-          nn.Dense(width)(x))
+      x = nn.Dense(width)(x)
+      if self.batch_norm:
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(x)
       x = nn.relu(x)
     return nn.Dense(self.num_classes)(x)
 
@@ -326,7 +316,7 @@ MODELS: dict[str, tuple[Callable[[int], nn.Module], bool]] = {
     "mlp": (lambda n: MLP(num_classes=n), False),
     "mlp_small": (lambda n: MLP(num_classes=n, hidden=(100,)), False),
     "mlp_wide": (lambda n: MLP(num_classes=n, hidden=(400, 400)), False),
-    "mlp_bn": (lambda n: MLPBatchNorm(num_classes=n), False),
+    "mlp_bn": (lambda n: MLP(num_classes=n, batch_norm=True), False),
     "cnn": (lambda n: CNN(num_classes=n), True),
     "lenet5": (lambda n: LeNet5(num_classes=n), True),
     # fedmd_cnn2 / fedmd_cnn3: the two types; fedmd_p0 .. fedmd_p9: the ten parties;
