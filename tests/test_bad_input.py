@@ -1,7 +1,7 @@
 """Bad settings through the real command line: each exits non-zero, before training, with
 one readable line naming the setting, and no traceback."""
 
-import concurrent.futures
+import json
 import os
 import subprocess
 import sys
@@ -88,23 +88,79 @@ def _runnable(name):
   return name not in NEEDS_MNIST or has_tfds_dataset("mnist")
 
 
-def _run_case(args, workdir):
-  if not any(a.startswith("--workdir") for a in args):
-    args = [f"--workdir={workdir}"] + args
-  return subprocess.run([sys.executable, "-m", "fml_jax.main", *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=300,
-                        env=dict(os.environ, TFDS_DATA_DIR=SHARED_TFDS))
+# Each case is `python -m fml_jax.main ARGS`, exactly: its own process, its own argv, the
+# module run as __main__ (runpy, as -m does). Starting 53 Pythons that each import jax,
+# flax and tfds took minutes of the suite's CPU, so one driver process imports them once
+# and forks a child per case. The parent never starts a JAX backend (checked), so each
+# child starts its own as a fresh process would.
+_DRIVER = r"""
+import json, os, runpy, sys
+import fml_jax.train, fml_jax.algorithms, tensorflow_datasets   # the slow imports, once
+from jax._src import xla_bridge
+assert not xla_bridge._backends, "the driver must not start a JAX backend before forking"
+cases = json.loads(sys.argv[1])
+for case in cases:
+  pid = os.fork()
+  if pid == 0:   # the child: `python -m fml_jax.main *args` with stdout/stderr to files
+    code = 1
+    try:
+      for fd, path in ((1, case["stdout"]), (2, case["stderr"])):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+      sys.argv = ["fml_jax.main", *case["args"]]
+      runpy.run_module("fml_jax.main", run_name="__main__", alter_sys=True)
+      code = 0
+    except SystemExit as e:
+      code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:   # an uncaught exception: its traceback, as Python would print it
+      import traceback
+      traceback.print_exc()
+    finally:
+      sys.stdout.flush(); sys.stderr.flush()
+      os._exit(code)
+  _, status = os.waitpid(pid, 0)
+  with open(case["returncode"], "w") as f:
+    f.write(str(os.waitstatus_to_exitcode(status)))
+"""
+
+
+def _run_cases(cases, root):
+  """{name: CompletedProcess-like} of `python -m fml_jax.main` for each (name, args)."""
+  spec = []
+  for name, args in cases:
+    workdir = root / name / "run"
+    workdir.parent.mkdir(parents=True)
+    if not any(a.startswith("--workdir") for a in args):
+      args = [f"--workdir={workdir}"] + args
+    spec.append({"args": args, **{k: str(root / name / k) for k in
+                                  ("stdout", "stderr", "returncode")}})
+  driver = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps(spec)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, TFDS_DATA_DIR=SHARED_TFDS))
+  assert driver.returncode == 0, driver.stderr[-3000:]
+  return {name: subprocess.CompletedProcess(
+      case["args"], int(open(case["returncode"]).read()), open(case["stdout"]).read(),
+      open(case["stderr"]).read()) for (name, _), case in zip(cases, spec)}
 
 
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory):
-  """Every case's process, run a few at a time: each is mostly Python start-up and
-  imports, so running them side by side saves most of the suite's wall time."""
   root = tmp_path_factory.mktemp("bad_input")
-  with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
-    futures = {name: pool.submit(_run_case, args, root / name / "run")
-               for name, args, _ in BAD_INPUTS if _runnable(name)}
-    return {name: (future.result(), root / name / "run") for name, future in futures.items()}
+  cases = [(name, args) for name, args, _ in BAD_INPUTS if _runnable(name)]
+  procs = _run_cases(cases, root)
+  return {name: (procs[name], root / name / "run") for name, _ in cases}
+
+
+def test_the_driver_is_the_real_command_line(tmp_path):
+  # One case through a plain `python -m fml_jax.main`, the way a user types it: the same
+  # exit status and error line as the forked child gives.
+  args = ["--config.fml.alpha=1.5"]
+  real = subprocess.run([sys.executable, "-m", "fml_jax.main", f"--workdir={tmp_path / 'a'}",
+                         *args], cwd=REPO, capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, TFDS_DATA_DIR=SHARED_TFDS))
+  forked = _run_cases([("alpha", args)], tmp_path / "forked")["alpha"]
+  assert real.returncode == forked.returncode == 2
+  line = lambda p: [l for l in p.stderr.splitlines() if l.startswith("fml_jax: error:")]
+  assert line(real) == line(forked) and len(line(real)) == 1
 
 
 @pytest.mark.parametrize("name,expected", [

@@ -268,7 +268,11 @@ class FedMD(ClientModelsAlgorithm):
             "fedmd.public_epochs": 2, "fedmd.private_epochs": 1, "fedmd.digest_batch_size": 16,
             "fedmd.revisit_batch_size": 16, "local_epochs": 1, "optimizer": "adam",
             "learning_rate": 1e-3, "weight_decay": 0.0, "momentum": 0.0,
-            "fedmd.report_bounds": False}
+            "fedmd.report_bounds": False,
+            # Validation after every epoch costs a fifth of FedMD's compile time in the
+            # many tests built on this config; patience itself, under vmap too, is tested
+            # in tests/test_fedmd_official.py.
+            "fedmd.early_stopping": "off"}
 
   def __init__(self, config, num_classes, input_shape):
     super().__init__(config, num_classes, input_shape)
