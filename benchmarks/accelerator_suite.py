@@ -95,7 +95,8 @@ BENCHMARKS = REPO / "benchmarks"
 CARRIED_MODULES = ("ml_collections", "tensorboardX", "tensorflow_datasets.core", "array_record",
                    "dm_pix", "dp_accounting")
 
-SLOW_RUN_FLAGS = ("--xla_backend_optimization_level", "--xla_llvm_disable_expensive_passes")
+SLOW_RUN_FLAGS = ("--xla_backend_optimization_level", "--xla_llvm_disable_expensive_passes",
+                  "--xla_cpu_use_fusion_emitters")
 # The equivalence tests, cheapest first (pytest runs node ids in the order given), so a
 # part stopped at its budget has run the most of them: the chunked executor with a padded
 # chunk; then every executor and store against the sequential reference (and a resume
