@@ -440,10 +440,47 @@ def _fedmd_party_table(folder: Path, runs: list[str]) -> None:
                     b["pooled"].get("client_global_test_acc", []))
     for party, (a, f, p) in enumerate(per_party):
       lines.append(f"| party {party} | {a:.4f} | {f:.4f} | {p:.4f} | {f - a:+.4f} |")
-  if lines:
-    (folder / "bounds.md").write_text(
-        "| run | no collaboration | FedMD (last round) | pooled | gain |\n|---|---|---|---|---|\n"
-        + "\n".join(lines) + "\n")
+  gains = [g for g in (collaboration_gain(folder / r) for r in runs) if g]
+  if lines or gains:
+    table = ("| run | no collaboration | FedMD (last round) | pooled | gain |\n|---|---|---|---|---|\n"
+             + "\n".join(lines) + "\n") if lines else ""
+    (folder / "bounds.md").write_text(table + "".join(
+        f"\n{g['run']}: the parties' mean on the whole private test set went from "
+        f"{g['alone']['mean']:.4f} (round 0, after transfer learning) to "
+        f"{g['final']['mean']:.4f} (round {g['round']}); the paired gain over seeds "
+        f"{g['seeds']}: {stats.describe(g['gain'])}: {GAIN_VERDICT[verdict(g['gain'])]}.\n"
+        for g in gains))
+
+
+GAIN_VERDICT = {"A better": "collaboration helps", "B better": "collaboration hurts",
+                "undecided": "undecided"}
+
+
+def collaboration_gain(run_folder: Path, metric: str = "client_global_test_acc_mean"):
+  """FedMD's gain over no collaboration, seed by seed: each replica's `metric` after the
+  last round minus its own at round 0 (after transfer learning, before any
+  collaboration: the same parties, data and initial weights). None without replicas
+  (one seed cannot decide) or before a round after 0 is logged."""
+  metrics = run_folder / "metrics.jsonl"
+  if not metrics.exists():
+    return None
+  first, last = {}, {}
+  for line in metrics.read_text().splitlines():
+    record = json.loads(line)
+    if "replica" not in record or record.get(metric) is None:
+      continue
+    seed = record.get("seed", record["replica"])
+    if record["round"] == 0:
+      first[seed] = record[metric]
+    elif record["round"] >= last.get(seed, (0, None))[0]:
+      last[seed] = (record["round"], record[metric])
+  seeds = sorted(first.keys() & last.keys())
+  if len(seeds) < 2:
+    return None
+  return {"run": run_folder.name, "seeds": seeds, "round": min(last[s][0] for s in seeds),
+          "alone": stats.interval([first[s] for s in seeds]),
+          "final": stats.interval([last[s][1] for s in seeds]),
+          "gain": stats.interval([last[s][1] - first[s] for s in seeds])}
 
 
 def main(argv=None) -> None:

@@ -1,7 +1,9 @@
 """Every experiment of experiments/run.py at its --quick size: tables and figures appear."""
 
 import importlib.util
+import json
 
+import numpy as np
 import pytest
 
 from conftest import REPO, SHARED_TFDS, requires_mnist
@@ -233,3 +235,30 @@ def test_seeds_reach_every_run_and_one_seed_changes_no_config():
   assert experiments.seeds_overrides(5) == {"seeds": 5}
   with pytest.raises(SystemExit):
     experiments.main(["dom", "--seeds", "0"])
+
+
+def test_fedmd_collaboration_gain_is_paired_by_seed(tmp_path):
+  # Each seed's last round minus its own round 0 (after transfer learning), with the
+  # Student-t interval of the three differences, computed here by hand.
+  run = tmp_path / "fedmd-run"
+  run.mkdir()
+  rows = [(0, 0, 0.50), (0, 1, 0.40), (0, 2, 0.60), (1, 0, 0.55), (1, 1, 0.48),
+          (1, 2, 0.62), (2, 0, 0.61), (2, 1, 0.52), (2, 2, 0.66)]
+  (run / "metrics.jsonl").write_text("".join(
+      json.dumps({"round": r, "replica": i, "seed": 10 + i, "client_global_test_acc_mean": v})
+      + "\n" for r, i, v in rows))
+  gain = experiments.collaboration_gain(run)
+  differences = np.array([0.61 - 0.50, 0.52 - 0.40, 0.66 - 0.60])
+  half = 4.302652729911275 * differences.std(ddof=1) / np.sqrt(3)   # t(0.975, 2 df)
+  assert gain["seeds"] == [10, 11, 12] and gain["round"] == 2
+  np.testing.assert_allclose([gain["gain"]["mean"], gain["gain"]["low"], gain["gain"]["high"]],
+                             [differences.mean(), differences.mean() - half,
+                              differences.mean() + half], rtol=1e-9)
+  assert gain["alone"]["mean"] == pytest.approx(0.5)
+  experiments._fedmd_party_table(tmp_path, ["fedmd-run"])   # no bounds.json: the gain alone
+  text = (tmp_path / "bounds.md").read_text()
+  assert "0.5000 (round 0" in text and "collaboration helps" in text
+  # One seed cannot decide: no gain is reported.
+  (run / "metrics.jsonl").write_text(json.dumps(
+      {"round": 0, "replica": 0, "seed": 0, "client_global_test_acc_mean": 0.5}) + "\n")
+  assert experiments.collaboration_gain(run) is None
