@@ -72,7 +72,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import os
 import platform
@@ -247,16 +246,11 @@ def part_environment(ctx: PartContext):
 
   n = 512 if ctx.tiny else 8192
   peaks = {}
+  matmul_peak_gflops = _benchmark_module("client_scaling").matmul_peak_gflops
   for label, dtype, precision in (("bf16", jnp.bfloat16, None), ("fp32", jnp.float32, None),
                                   ("fp32_highest", jnp.float32, jax.lax.Precision.HIGHEST)):
-    ka, kb = jax.random.split(jax.random.PRNGKey(0))
-    a = jax.random.normal(ka, (n, n), jnp.float32).astype(dtype)
-    b = jax.random.normal(kb, (n, n), jnp.float32).astype(dtype)
-    f = jax.jit(functools.partial(jnp.matmul, precision=precision))
-    f(a, b).block_until_ready()
-    f(a, b).block_until_ready()
-    t = _median_time(lambda: f(a, b).block_until_ready(), 5 if ctx.tiny else 20)
-    peaks[label] = {"n": n, "seconds": t, "tflops": 2 * n**3 / t / 1e12}
+    gflops = matmul_peak_gflops(n, 5 if ctx.tiny else 20, dtype, precision)
+    peaks[label] = {"n": n, "seconds": 2 * n**3 / gflops / 1e9, "tflops": gflops / 1e3}
     ctx.emit(matmul_peak=peaks)
   memory = env["memory_bytes_limit"]
   table = ["| item | value |", "|---|---|",

@@ -33,6 +33,7 @@ every cohort, marked incomplete until the last one.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -78,14 +79,18 @@ def benchmark_data(cohort: int, steps: int = 1, seed: int = 0):
   return from_client_lists(x, y, x[:BATCH], y[:BATCH], parts, [np.arange(BATCH)] * cohort, 10)
 
 
-def matmul_peak_gflops(n: int = 4096, reps: int = 5) -> float:
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda a: a @ a)
-  f(a).block_until_ready()
+def matmul_peak_gflops(n: int = 4096, reps: int = 5, dtype=jnp.float32, precision=None) -> float:
+  """GFLOP/s of one n x n matmul in `dtype` at `precision` (median of `reps` after a
+  warm-up): the machine's reference peak for the tables' "% of matmul peak"."""
+  ka, kb = jax.random.split(jax.random.PRNGKey(0))
+  a = jax.random.normal(ka, (n, n), jnp.float32).astype(dtype)
+  b = jax.random.normal(kb, (n, n), jnp.float32).astype(dtype)
+  f = jax.jit(functools.partial(jnp.matmul, precision=precision))
+  f(a, b).block_until_ready()
   times = []
   for _ in range(reps):
     t0 = time.perf_counter()
-    f(a).block_until_ready()
+    f(a, b).block_until_ready()
     times.append(time.perf_counter() - t0)
   return 2 * n**3 / statistics.median(times) / 1e9
 
