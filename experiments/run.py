@@ -461,12 +461,11 @@ def collaboration_gain(run_folder: Path, metric: str = "client_global_test_acc_m
   last round minus its own at round 0 (after transfer learning, before any
   collaboration: the same parties, data and initial weights). None without replicas
   (one seed cannot decide) or before a round after 0 is logged."""
-  metrics = run_folder / "metrics.jsonl"
-  if not metrics.exists():
+  if not (run_folder / "metrics.jsonl").exists():
     return None
+  _, records = plot.load_run(str(run_folder))
   first, last = {}, {}
-  for line in metrics.read_text().splitlines():
-    record = json.loads(line)
+  for record in records:
     if "replica" not in record or record.get(metric) is None:
       continue
     seed = record.get("seed", record["replica"])

@@ -242,6 +242,7 @@ def test_fedmd_collaboration_gain_is_paired_by_seed(tmp_path):
   # Student-t interval of the three differences, computed here by hand.
   run = tmp_path / "fedmd-run"
   run.mkdir()
+  (run / "config.json").write_text("{}")
   rows = [(0, 0, 0.50), (0, 1, 0.40), (0, 2, 0.60), (1, 0, 0.55), (1, 1, 0.48),
           (1, 2, 0.62), (2, 0, 0.61), (2, 1, 0.52), (2, 2, 0.66)]
   (run / "metrics.jsonl").write_text("".join(
