@@ -26,6 +26,12 @@ from jax import lax
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
+# The weight gradient contracts over the batch, which its convolution takes as input
+# channels. XLA:CPU's kernel slows down sharply when there are many: for the FedAvg
+# CNN's second layer at batch 64, 52 ms in one convolution against 19 ms as the sum
+# of four over 16 examples each (benchmarks/RESULTS.md, "Convnets on the CPU").
+WEIGHT_GRAD_BATCH_CHUNK = 16
+
 
 def _conv(x, w, padding, precision):
   return lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=_NHWC,
@@ -51,8 +57,14 @@ def _backward(padding, precision, residuals, dy):
   w_flipped = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
   dx = _conv(dy, w_flipped, ((kh - 1 - top, kh - 1 - bottom), (kw - 1 - left, kw - 1 - right)),
              precision)
-  # d/dw: the input's channels as the batch and its examples as the contraction.
-  dw = _conv(x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), padding, precision)
+  # d/dw: the input's channels as the batch and its examples as the contraction,
+  # summed over chunks of WEIGHT_GRAD_BATCH_CHUNK examples.
+  dw = None
+  for start in range(0, x.shape[0], WEIGHT_GRAD_BATCH_CHUNK):
+    part = slice(start, start + WEIGHT_GRAD_BATCH_CHUNK)
+    chunk = _conv(x[part].transpose(3, 1, 2, 0), dy[part].transpose(1, 2, 0, 3), padding,
+                  precision)
+    dw = chunk if dw is None else dw + chunk
   return dx, dw.transpose(1, 2, 0, 3)
 
 

@@ -24,6 +24,9 @@ def loss_and_grads(conv_fn, x, w, strides=(1, 1), padding="SAME", **kw):
     ((3, 12, 10, 2), (5, 5, 2, 4), "VALID"),
     ((2, 9, 9, 3), (3, 3, 3, 5), ((1, 0), (2, 1))),
     ((4, 8, 8, 1), (3, 2, 1, 6), "SAME"),       # even kernel width: asymmetric SAME pads
+    # More examples than conv.WEIGHT_GRAD_BATCH_CHUNK: the weight gradient summed over
+    # chunks of 16, 16 and 5 examples.
+    ((37, 7, 7, 3), (3, 3, 3, 4), "SAME"),
 ])
 def test_values_and_gradients_equal_lax(shape, kernel, padding):
   kx, kw = jax.random.split(jax.random.PRNGKey(0))
