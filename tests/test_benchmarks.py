@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, requires_mnist
 
 
 def test_round_time_quick(tmp_path):
@@ -70,3 +70,30 @@ def test_evaluation_quick(tmp_path):
   [row] = json.loads(out.read_text())["results"].values()
   assert row["vmap_s"] > 0 and row["one_at_a_time_s"] > 0
   assert row["max_accuracy_difference"] < 1e-6   # the same scores either way
+
+
+@requires_mnist
+def test_vs_pytorch_quick(tmp_path):
+  out = tmp_path / "vs_pytorch.json"
+  proc = subprocess.run([sys.executable, "benchmarks/vs_pytorch.py", "--quick", f"--out={out}"],
+                        cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  result = json.loads(out.read_text())
+  assert result["complete"] is True and sorted(result["jobs"]) == ["fedavg_mnist_cnn",
+                                                                   "fml_mnist_mlp"]
+  for name, job in result["jobs"].items():
+    # 2 clients of 128 examples, batch 64: 2 steps each.
+    assert job["job"]["client_steps_per_round"] == 4 and job["job"]["examples"] == 256
+    assert job["fml_jax_strategy"] in ("sequential", "vmap")
+    sides = ["fml_jax"] + (["pytorch_loop"] if result["machine"]["torch"] else [])
+    for side in sides:
+      assert len(job[side]["rounds_s"]) == 3
+      assert job[side]["median_round_s"] == pytest.approx(sorted(job[side]["rounds_s"][1:])[0]
+                                                          / 2 + sorted(job[side]["rounds_s"][1:])[1] / 2)
+      assert 0.0 <= job[side]["global_test_acc"] <= 1.0
+    if result["machine"]["torch"]:
+      assert job["speedup"] == pytest.approx(job["pytorch_loop"]["median_round_s"]
+                                             / job["fml_jax"]["median_round_s"])
+      assert f"| {name} | 4 |" in proc.stdout
+    else:
+      assert "skipped: torch is not installed" in proc.stdout

@@ -27,6 +27,9 @@ def loss_and_grads(conv_fn, x, w, strides=(1, 1), padding="SAME", **kw):
     # More examples than conv.WEIGHT_GRAD_BATCH_CHUNK: the weight gradient summed over
     # chunks of 16, 16 and 5 examples.
     ((37, 7, 7, 3), (3, 3, 3, 4), "SAME"),
+    # Wider layers, asymmetric padding.
+    ((3, 9, 9, 5), (3, 3, 5, 4), ((2, 0), (1, 1))),
+    ((20, 6, 6, 8), (5, 5, 8, 3), "SAME"),
 ])
 def test_values_and_gradients_equal_lax(shape, kernel, padding):
   kx, kw = jax.random.split(jax.random.PRNGKey(0))

@@ -351,3 +351,50 @@ def test_auto_strategy_on_cpu_is_vmap_only_for_few_steps_without_convolutions():
                   "uniform", "auto")
   assert runner.local_steps_per_round() == 3 * 4 > executors.CPU_VMAP_MAX_STEPS
   assert runner.strategy == "sequential"
+
+
+def test_map_in_order_keeps_order_and_bounds_the_work_in_flight():
+  import threading   # pylint: disable=g-import-not-at-top
+  import time   # pylint: disable=g-import-not-at-top
+  running, most, lock = [0], [0], threading.Lock()
+  drawn = []
+
+  def items():
+    for i in range(12):
+      drawn.append(i)
+      yield i
+
+  def work(i):
+    with lock:
+      running[0] += 1
+      most[0] = max(most[0], running[0])
+      assert len(drawn) <= i + 1 + 2 * 3   # drawn lazily: at most 2 * workers ahead
+    time.sleep(0.01 * (i % 3))
+    with lock:
+      running[0] -= 1
+    return i * i
+  assert executors.map_in_order(work, items(), 3) == [i * i for i in range(12)]
+  assert 1 < most[0] <= 3
+  drawn.clear()
+  assert executors.map_in_order(work, range(4), 1) == [0, 1, 4, 9]
+
+
+@pytest.mark.parametrize("name", ["fml", "fedavg"])
+def test_concurrent_clients_equal_one_after_another_exactly(name):
+  """The sequential strategy runs executors.concurrent_clients() updates at once on a
+  CPU; each client's program and inputs are unchanged, so the round is bit for bit the
+  same as one client after another."""
+  assert executors.concurrent_clients() == executors.CPU_CONCURRENT_CLIENTS > 1
+  config = small_config(algorithm=name, local_models="mlp,mlp_small" if name == "fml" else "")
+  states = []
+  for workers in (1, 2):
+    data = load_federated_data(config)
+    algorithm = build_algorithm(config, data.num_classes, data.input_shape)
+    runner = Runner(algorithm, data, config.clients_per_round, config.aggregation, "sequential")
+    assert runner.executor.workers == executors.CPU_CONCURRENT_CLIENTS
+    runner.executor.workers = workers
+    state = runner.init(config.seed)
+    for _ in range(2):
+      state, _ = runner.run_round(state)
+    states.append(jax.device_get(state))
+  chex.assert_trees_all_equal(*states)

@@ -21,6 +21,8 @@ that function compiled ahead of time with XLA's analysis of it.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import warnings
 from typing import Any, Callable
@@ -65,7 +67,9 @@ class CompiledRound:
   flops: float
 
 
-def _analysis(compiled: list, held_by_loop: int) -> dict:
+def _analysis(compiled: list, held_by_loop: int, at_once: int = 1) -> dict:
+  """XLA's figures of the compiled programs; `at_once` of them may run concurrently
+  (the sequential strategy's clients), each with its own temporaries."""
   flops, temp, output, alias, reported = 0.0, 0, 0, 0, False
   for c in compiled:
     cost = c.cost_analysis()
@@ -79,7 +83,7 @@ def _analysis(compiled: list, held_by_loop: int) -> dict:
       alias = max(alias, int(stats.alias_size_in_bytes))
   if not reported:
     return dict(temp=held_by_loop, output=0, alias=0, flops=flops)
-  return dict(temp=temp + held_by_loop, output=output, alias=alias, flops=flops)
+  return dict(temp=temp * at_once + held_by_loop, output=output, alias=alias, flops=flops)
 
 
 class Vmap:
@@ -129,14 +133,46 @@ class Chunked(Vmap):
     self.chunk_size = chunk_size
 
 
+# On a CPU the sequential strategy keeps this many clients' updates running at once,
+# each from its own host thread. XLA:CPU's kernels split one operation over the cores
+# poorly (one CNN step: 90 ms on one core, 65 ms on two), while two clients' steps side
+# by side fill both: on a 2-core machine 46 ms per CNN client-step against 62 ms one
+# after another, LeNet-5 19 ms against 28 ms (benchmarks/RESULTS.md, "Convnets on the
+# CPU"). Each client's program and inputs are the same either way, so are its results.
+CPU_CONCURRENT_CLIENTS = 2
+
+
+def concurrent_clients() -> int:
+  """How many clients' updates the sequential strategy runs at once on this backend."""
+  return CPU_CONCURRENT_CLIENTS if jax.default_backend() == "cpu" else 1
+
+
+def map_in_order(fn, items, workers: int) -> list:
+  """[fn(item) for item in items], with up to `workers` calls running at once on host
+  threads (fn should block until its result is ready, so that bounds the work in
+  flight); items are drawn lazily, at most 2 * workers ahead of the results."""
+  if workers <= 1:
+    return [fn(item) for item in items]
+  results, pending = [], collections.deque()
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    for item in items:
+      if len(pending) >= 2 * workers:
+        results.append(pending.popleft().result())
+      pending.append(pool.submit(fn, item))
+    results.extend(f.result() for f in pending)
+  return results
+
+
 class Sequential:
-  """A Python loop of jitted single-client calls; each stage jitted on its own."""
+  """A loop of jitted single-client calls (concurrent_clients() at a time, in order);
+  each stage jitted on its own."""
   name = "sequential"
   chunk_size = 0
 
-  def __init__(self, compiled: dict | None = None):
+  def __init__(self, compiled: dict | None = None, workers: int | None = None):
     self._compiled = dict(compiled or {})   # (fn, group) -> compiled one-client program
     self._jitted: dict = {}
+    self.workers = concurrent_clients() if workers is None else workers
 
   def _jit(self, fn, **kwargs):
     key = (fn, tuple(sorted(kwargs.items())))
@@ -174,7 +210,10 @@ class Sequential:
 
   def map_group(self, fn, server, states, clients, data, group: int):
     one = self._one_client(fn, group)
-    return stack_trees([one(server, s, c, data) for s, c in split_clients((states, clients))])
+    if self.workers <= 1:   # dispatched asynchronously, one after another
+      return stack_trees([one(server, s, c, data) for s, c in split_clients((states, clients))])
+    return stack_trees(map_in_order(lambda sc: jax.block_until_ready(one(server, *sc, data)),
+                                    split_clients((states, clients)), self.workers))
 
   run_group = map_group
 
@@ -199,10 +238,10 @@ class Sequential:
       split = min(SPLIT_CHUNK, k) / k
       held_by_loop += (int(tree_bytes((states, cohort.clients)) * (gathered + split))
                        + 2 * tree_bytes(results))
-    executor = type(self)(compiled)
+    executor = type(self)(compiled, self.workers)
     protocol = dataclasses.replace(protocol, executor=executor)
     return CompiledRound(protocol, executor.build_round(protocol),
-                         **_analysis(list(compiled.values()), held_by_loop))
+                         **_analysis(list(compiled.values()), held_by_loop, max(1, self.workers)))
 
 
 class RoundStageError(RuntimeError):
