@@ -38,8 +38,10 @@ def weighted(trees, weights):
   return jax.tree.map(lambda *xs: np.tensordot(np.asarray(weights), np.stack(xs), axes=1), *trees)
 
 
-def assert_trees_close(a, b, rtol=1e-4, atol=1e-4):
-  """Equal up to float32 rounding (the round runs the clients vmapped, the test one by one)."""
+def assert_trees_close(a, b, rtol=1e-4, atol=5e-4):
+  """Equal up to float32 rounding (the round runs the clients vmapped, the test one by one).
+  On an AVX-512 Xeon one of FML's 200 averaged statistics after two local epochs differs
+  by 2.6e-4 between the two (also at the commit before issue 20's changes), hence atol."""
   jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol,
                                                        atol=atol), a, b)
 
