@@ -46,6 +46,7 @@ from fml_jax.configs import default  # pylint: disable=g-import-not-at-top
 from fml_jax.data import load_federated_data  # pylint: disable=g-import-not-at-top
 from fml_jax.rounds import Runner  # pylint: disable=g-import-not-at-top
 from fml_jax.train import evaluate  # pylint: disable=g-import-not-at-top
+from round_time import cpu_name  # pylint: disable=g-import-not-at-top  (benchmarks/)
 
 # name -> (algorithm, dataset, model)
 JOBS = {
@@ -70,16 +71,6 @@ def job_config(name: str, clients: int, batch_size: int, max_examples: int):
   c.augment = "none"
   c.client_max_examples = max_examples
   return c
-
-
-def cpu_name() -> str:
-  try:
-    for line in open("/proc/cpuinfo"):  # Linux
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
 
 
 class FmlJaxJob:
