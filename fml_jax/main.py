@@ -50,9 +50,17 @@ except Exception as e:  # pylint: disable=broad-except  (any failure here is the
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for config.json, metrics.jsonl and "
                                "summary.json.", required=True)
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Multi-host: call "
-                                  "jax.distributed.initialize() first (on every host; settings "
-                                  "from the cluster environment, e.g. a TPU pod or SLURM).")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Across hosts, on a cluster JAX "
+                                  "detects (SLURM, a TPU pod, Open MPI): start JAX's "
+                                  "multi-process runtime from the cluster's environment.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Across processes: HOST:PORT of "
+                                   "process 0's coordinator (or JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Across processes: how many "
+                                      "(or JAX_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Across processes: this one's number, "
+                                   "0 to num_processes - 1 (or JAX_PROCESS_ID).")
+_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout", 20, "Across processes: seconds without a "
+                                  "heartbeat before the others stop, naming the lost process.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the results of an earlier run in "
                                "--workdir instead of refusing to start.")
 
@@ -81,10 +89,18 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   std_logging.getLogger("jax").setLevel(std_logging.WARNING)  # backend probing noise
   logging.get_absl_handler().addFilter(_OnlyWarningsFromLibraries())
-  if _DISTRIBUTED.value:
-    import jax  # pylint: disable=g-import-not-at-top
-    jax.distributed.initialize()
-  from fml_jax import train  # pylint: disable=g-import-not-at-top  (after flags: faster --help)
+  from fml_jax import distributed  # pylint: disable=g-import-not-at-top  (after flags: faster --help)
+  try:
+    across = distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                    auto_detect=_DISTRIBUTED.value,
+                                    heartbeat_timeout=_HEARTBEAT.value)
+  except UserError as e:
+    _fail(str(e))
+  if across:
+    logging.info("%s", distributed.describe())
+    if not distributed.is_writer():   # one console: process 0's (the others warn and fail)
+      logging.set_verbosity(logging.WARNING)
+  from fml_jax import train  # pylint: disable=g-import-not-at-top
   try:
     config = _CONFIG.value
     "algorithm" in config  # pylint: disable=pointless-statement  (raises if --config failed to load)
@@ -97,6 +113,10 @@ def main(argv):
     sys.exit(3)
   except UserError as e:
     _fail(str(e))
+  except Exception as e:  # pylint: disable=broad-except
+    if across and distributed.is_collective_failure(e):
+      distributed.stop_after_lost_process(e, _HEARTBEAT.value, _WORKDIR.value)
+    raise
   if "points" in summary:   # replicas: mean +- std and a 95% interval per grid point
     from fml_jax import stats  # pylint: disable=g-import-not-at-top
     for point in summary["points"]:

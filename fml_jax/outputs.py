@@ -107,10 +107,11 @@ def prepare_workdir(workdir: str, config: dict, overwrite: bool,
   return path, True
 
 
-def read_metrics(path: Path, up_to_round: int) -> list[dict]:
+def read_metrics(path: Path, up_to_round: int, rewrite: bool = True) -> list[dict]:
   """The metrics lines of rounds <= up_to_round, rewriting the file (atomically) to hold
-  just those: after a resume every round appears once, in order. A torn last line
-  (a kill mid-write) is dropped."""
+  just those (unless not `rewrite`: a process that does not write the run's files):
+  after a resume every round appears once, in order. A torn last line (a kill
+  mid-write) is dropped."""
   file = path / "metrics.jsonl"
   records = []
   if file.exists():
@@ -121,6 +122,8 @@ def read_metrics(path: Path, up_to_round: int) -> list[dict]:
         continue
       if record.get("round", 0) <= up_to_round:
         records.append(record)
+  if not rewrite:
+    return records
   tmp = file.with_name(".metrics.jsonl.tmp")
   tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
   os.replace(tmp, file)

@@ -47,17 +47,24 @@ class MemoryEstimate:
   cohort_bytes: int = 0     # ... and each round moves this much of it to the accelerator
   data_bytes: int = 0       # the dataset and its index tables, on the accelerator
   replicas: int = 1         # federations held at once (fml_jax/replicas.py), all counted above
+  processes: int = 1        # across processes, each holds 1/processes of the population
+
+  @property
+  def own_population_bytes(self) -> int:
+    """This process's share of the population (all of it in a single process)."""
+    return -(-self.population_bytes // self.processes)
 
   @property
   def host_bytes(self) -> int:
     """What the host store holds in host memory (0 for a device store)."""
-    return self.population_bytes if self.on_host else 0
+    return self.own_population_bytes if self.on_host else 0
 
   @property
   def device_bytes(self) -> int:
-    """What the accelerator holds during a round."""
-    return (self.state_bytes - self.host_bytes + self.cohort_bytes + self.round_bytes
-            + self.data_bytes)
+    """What the accelerator holds during a round (this process's, across processes)."""
+    own_state = self.state_bytes - self.population_bytes + self.own_population_bytes
+    return (own_state - self.host_bytes + -(-self.cohort_bytes // self.processes)
+            + self.round_bytes + self.data_bytes)
 
   @property
   def total(self) -> int:
@@ -67,6 +74,8 @@ class MemoryEstimate:
     where = (f" in host memory, {gib(self.cohort_bytes)} of it moved to the accelerator "
              "each round" if self.on_host else "")
     copies = f" x {self.replicas} replicas" if self.replicas > 1 else ""
+    if self.processes > 1:
+      copies += f", {gib(self.own_population_bytes)} of it in this process of {self.processes}"
     return (f"population store {gib(self.population_bytes)} ({self.num_clients} clients x "
             f"{gib(self.per_client_bytes)}{copies}){where}, server state "
             f"{gib(self.state_bytes - self.population_bytes)}, data {gib(self.data_bytes)}, "
@@ -84,7 +93,8 @@ def estimate_memory(runner, state_like) -> MemoryEstimate:
                         round_bytes=max(compiled["temp"] + compiled["output"] - compiled["alias"], 0),
                         num_clients=n, on_host=on_host,
                         cohort_bytes=tree_bytes(runner.store.round_input(state_like).population)
-                        if on_host else 0, data_bytes=tree_bytes(runner.data))
+                        if on_host else 0, data_bytes=tree_bytes(runner.data),
+                        processes=jax.process_count())
 
 
 def for_replicas(estimate: MemoryEstimate, replicas: int, vmapped: bool) -> MemoryEstimate:
@@ -100,12 +110,12 @@ def for_replicas(estimate: MemoryEstimate, replicas: int, vmapped: bool) -> Memo
 
 def available_host_memory() -> Optional[int]:
   """Bytes free in host memory (`MemAvailable`), or None where /proc/meminfo is absent."""
-  return available_memory(jax.devices("cpu")[0])
+  return available_memory(jax.local_devices(backend="cpu")[0])
 
 
 def available_memory(device: Optional[jax.Device] = None) -> Optional[int]:
   """Bytes free for new arrays on `device`, or None if the backend does not say."""
-  device = device or jax.devices()[0]
+  device = device or jax.local_devices()[0]   # this process's (across processes)
   if device.platform == "cpu":
     try:
       for line in open("/proc/meminfo"):

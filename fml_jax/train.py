@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
 from absl import logging
 
-from fml_jax import config_checks, evaluation, outputs, preflight, reporting, stats
+from fml_jax import config_checks, distributed, evaluation, outputs, preflight, reporting, stats
 from fml_jax.checkpoints import Checkpointer
 from fml_jax.configs import default as default_config
 from fml_jax.data import FederatedData, load_federated_data
@@ -96,9 +97,12 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
   in this one program (fml_jax/replicas.py)."""
   config_checks.validate(config)
   config_dict = json.loads(json.dumps(config.to_dict()))
+  # Across processes: the same settings everywhere; process 0 alone writes the run's files.
+  distributed.check_same_config(config_dict)
+  writes = distributed.is_writer()
   # Fields fml_jax gained after an older run was written count as their defaults.
   defaults = json.loads(json.dumps(default_config.get_config().to_dict()))
-  path, resuming = outputs.prepare_workdir(workdir, config_dict, overwrite, defaults)
+  path, resuming = _prepare_workdir(workdir, config_dict, overwrite, defaults)
   if resuming and (path / "summary.json").exists():
     summary = json.loads((path / "summary.json").read_text())
     if summary.get("num_rounds") == config.num_rounds:
@@ -108,6 +112,9 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
   start = time.perf_counter()
   data = load_federated_data(config)
   replicas = ReplicaSet(config, data, client_mesh(config.mesh_shape))
+  if distributed.process_count() > 1 and replicas.num_replicas > 1:
+    raise UserError("seeds and sweeps run as replicas within one process; across processes run "
+                    "one replica per launch (seeds=1, no sweep)")
   runner, algorithm = replicas.runner, replicas.runner.algorithm
   data = replicas.data   # replicated over the mesh, if there is one
   num_replicas = replicas.num_replicas
@@ -151,8 +158,8 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
                                  path, config.seed)
   # A fresh start with a warm start rewrites its round-0 lines, so keep nothing before it.
   keep_up_to = first_round if warm_records is None else -1
-  records = outputs.read_metrics(path, keep_up_to) if resuming else []
-  if (path / "summary.json").exists():
+  records = outputs.read_metrics(path, keep_up_to, rewrite=writes) if resuming else []
+  if writes and (path / "summary.json").exists():
     (path / "summary.json").unlink()   # the run is being extended: no longer complete
   logging.info(
       "%s on %s: %d clients (%d per round), %d train / %d test examples, client sizes %d-%d; "
@@ -163,15 +170,16 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
       f"; {num_replicas} replicas ({len(replicas.points)} grid points x {config.seeds} seeds), "
       f"run by {replicas.strategy}" if num_replicas > 1 else "",
       memory.describe(), f"; resuming after round {first_round}" if first_round else "")
-  outputs.atomic_write_json(path / "config.json", config_dict)
-  writer = outputs.MetricsWriter(path / "metrics.jsonl")
-  boards = reporting.TensorBoardBoards(path, first_round, replicas)
+  if writes:
+    outputs.atomic_write_json(path / "config.json", config_dict)
+  writer = outputs.MetricsWriter(path / "metrics.jsonl") if writes else _Discard()
+  boards = reporting.TensorBoardBoards(path, first_round, replicas) if writes else _Discard()
   if warm_records is not None:
     for record in warm_records:
       writer.write(record)
     boards.write(warm_records)
     records = list(warm_records)
-  progress = reporting.Progress(first_round, config.num_rounds)
+  progress = reporting.Progress(first_round, config.num_rounds) if writes else _Discard()
   accountant = PrivacyAccountant.from_config(config)   # DP-FedAvg's epsilon per round
   round_seconds = []
   try:
@@ -223,6 +231,7 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
       "aggregation": runner.aggregation,
       "backend": jax.default_backend(),
       "devices": [str(d) for d in jax.devices()],
+      "processes": distributed.process_count(),
       "mesh_devices": runner.mesh.size if runner.mesh is not None else 1,
       "jax_version": jax.__version__,
       "global_model_params": count_params(global_model[1]) if global_model else 0,
@@ -233,8 +242,41 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
   else:
     summary.update(replica_summaries(replicas, records), num_replicas=num_replicas,
                    replica_strategy=replicas.strategy)
-  outputs.atomic_write_json(path / "summary.json", summary)
+  if writes:
+    outputs.atomic_write_json(path / "summary.json", summary)
   return summary
+
+
+class _Discard:
+  """What a process other than process 0 writes its metrics, boards and progress to."""
+
+  def write(self, *args, **kwargs):
+    del args, kwargs
+
+  round_done = write
+
+  def close(self):
+    pass
+
+
+def _prepare_workdir(workdir: str, config: dict, overwrite: bool, defaults: dict):
+  """`outputs.prepare_workdir` on process 0; every process then knows whether the run
+  resumes, and stops with process 0 when it refused the workdir."""
+  if distributed.process_count() == 1:
+    return outputs.prepare_workdir(workdir, config, overwrite, defaults)
+  refusal, path, resuming = None, Path(workdir).expanduser(), False
+  if distributed.is_writer():
+    try:
+      path, resuming = outputs.prepare_workdir(workdir, config, overwrite, defaults)
+    except UserError as e:
+      refusal = e
+  status = distributed.agree(-1 if refusal else int(resuming))
+  if refusal is not None:
+    raise refusal
+  if status < 0:
+    raise UserError(f"process 0 refused --workdir {workdir} (its output says why)")
+  distributed.check_shared_workdir(path)
+  return path, status == 1
 
 
 def replica_summaries(replicas: ReplicaSet, records: list[dict]) -> dict:

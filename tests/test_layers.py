@@ -12,7 +12,7 @@ LAYERS = [
     ["fml_jax.tasks", "fml_jax.conv", "fml_jax.schedules", "fml_jax.optimizers",
      "fml_jax.losses", "fml_jax.models", "fml_jax.data", "fml_jax.local_training",
      "fml_jax.outputs", "fml_jax.checkpoints", "fml_jax.reporting", "fml_jax.plot",
-     "fml_jax.privacy"],
+     "fml_jax.privacy", "fml_jax.distributed"],
     ["fml_jax.rounds.types"],
     ["fml_jax.rounds.algorithm", "fml_jax.evaluation"],
     ["fml_jax.rounds", "fml_jax.preflight"],

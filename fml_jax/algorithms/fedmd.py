@@ -441,7 +441,8 @@ class FedMD(ClientModelsAlgorithm):
     bounds = {"no_collaboration": warm_record,
               "pooled": {"round": 0, **evaluate(pooled),
                          "warm_start_seconds": time.perf_counter() - t0}}
-    outputs.atomic_write_json(workdir / "bounds.json", bounds)
+    if jax.process_index() == 0:   # across processes, process 0 writes the run's files
+      outputs.atomic_write_json(workdir / "bounds.json", bounds)
     logging.info("pooled-data bound: personalized acc %.4f, on the global test set %.4f",
                  bounds["pooled"]["local_test_acc_mean"],
                  bounds["pooled"]["client_global_test_acc_mean"])

@@ -133,6 +133,7 @@ class RoundProtocol:
     report = RoundReport(metrics={**metrics, **server_metrics}, cohort=context.clients.id,
                          client_finite=client_finite,
                          all_finite=jnp.all(client_finite) & tree_is_finite(server))
+    report = self.store.replicate(report)   # the host reads it (on every process)
     return state.replace(round=state.round + 1, server=server, population=population), report
 
   def run(self, state: RoundState, data, slots: Optional[tuple] = None):

@@ -59,6 +59,10 @@ class Runner:
     self._init = jax.jit(algorithm.init, static_argnums=1)   # thousands of models: not eagerly
     protocol = RoundProtocol(algorithm, self.groups, self.aggregation, Vmap(), self.store,
                              Availability.from_config(algorithm.config))
+    if jax.process_count() > 1 and strategy in ("sequential", "debug"):
+      raise ConfigError("strategy", f"a run across processes trains the cohort as one program "
+                        f"sharded over every process's devices; use vmap, chunked or auto, not "
+                        f"{strategy}")
     executor = choose_executor(strategy, chunk_size, lambda: self._cpu_prefers_vmap(protocol))
     self.protocol = dataclasses.replace(protocol, executor=executor)
     self._round = self.store.wrap(executor.build_round(self.protocol), self.data)
@@ -84,6 +88,8 @@ class Runner:
     return config.local_epochs * -(-self.data.max_train // self.algorithm.local_batch_size())
 
   def _cpu_prefers_vmap(self, protocol) -> bool:
+    if jax.process_count() > 1:   # the one strategy that runs across processes
+      return True
     if self.local_steps_per_round() > CPU_VMAP_MAX_STEPS:
       return False
     plan = plans.make_plan(protocol, self.data, self.abstract_state(0))
@@ -100,6 +106,9 @@ class Runner:
                       population=tuple(population))
 
   def init(self, seed: int) -> RoundState:
+    if jax.process_count() > 1:   # each process computes only its own shards
+      shardings = self.store.state_shardings(jax.eval_shape(lambda: self._unplaced_init(seed)))
+      return jax.jit(lambda: self._unplaced_init(seed), out_shardings=shardings)()
     return self.store.place(self._unplaced_init(seed))
 
   def abstract_state(self, seed: int = 0) -> RoundState:

@@ -40,6 +40,11 @@ def client_mesh(num_devices: int) -> Optional[Mesh]:
     raise ConfigError("mesh_shape", f"{num_devices} devices asked for, {len(devices)} available "
                       f"({devices[0].platform}); use 0 for all of them")
   n = num_devices or len(devices)
+  if jax.process_count() > 1 and n != len(devices):
+    # Every process runs the round, so every process's devices hold part of the cohort.
+    raise ConfigError("mesh_shape", f"a run across {jax.process_count()} processes shards the "
+                      f"client axis over all {len(devices)} of their devices; set mesh_shape=0 "
+                      f"(or {len(devices)}), not {num_devices}")
   return Mesh(np.array(devices[:n]), ("clients",)) if n > 1 else None
 
 
@@ -75,6 +80,13 @@ class DeviceStore:
   def replicated_sharding(self):
     """Every device of the mesh holds it all; None without a mesh."""
     return NamedSharding(self.mesh, P()) if self.mesh is not None else None
+
+  def replicate(self, tree):
+    """Inside the jitted round: every device (every process) holds all of `tree`, so the
+    host can read it (a run's metrics and divergence flags)."""
+    if self.mesh is None:
+      return tree
+    return jax.lax.with_sharding_constraint(tree, self.replicated_sharding())
 
   def population_sharding(self):
     return self.cohort_sharding()
@@ -141,9 +153,16 @@ class HostStore(DeviceStore):
   placement = "host"
 
   def __init__(self, groups: Groups, mesh: Optional[Mesh] = None):
-    # The host device: JAX's CPU device (the accelerator itself on a CPU-only machine,
-    # where `host` runs the same code over the same memory).
-    self.host_device = jax.devices("cpu")[0]
+    # The host device: this process's CPU device (the accelerator itself on a CPU-only
+    # machine, where `host` runs the same code over the same memory).
+    self.host_device = jax.local_devices(backend="cpu")[0]
+    # Across processes each one's host memory holds its share of the population: on a
+    # CPU-only machine that is the mesh's own sharding (CPU devices are host memory).
+    self.across_processes = jax.process_count() > 1
+    if self.across_processes and jax.default_backend() != "cpu":
+      raise ConfigError("placement", "placement=host across processes is built and tested on "
+                        "CPU-only machines; on accelerators across processes use "
+                        "placement=device")
     super().__init__(groups, mesh)
     self._sample = jax.jit(groups.sample)
     self._gather = jax.jit(lambda population, slots: tuple(map(take_rows, population, slots)))
@@ -151,14 +170,22 @@ class HostStore(DeviceStore):
         map(put_rows, population, slots, new)), donate_argnums=0)
 
   def _sharded_counts(self) -> tuple:
+    if self.across_processes:   # the population is split over the processes too
+      return super()._sharded_counts()
     # The population is not sharded, so only the cohort needs to divide evenly.
     return (("clients_per_round", self.groups.cohort_sizes),)
 
   def population_sharding(self):
+    if self.across_processes:
+      return self.cohort_sharding()
     return SingleDeviceSharding(self.host_device)
 
+  def _host_sharding(self):
+    """Where the sample's slots go for the gather and scatter on the host."""
+    return self.replicated_sharding() if self.across_processes else self.host_device
+
   def init_device(self):
-    return self.host_device
+    return None if self.across_processes else self.host_device
 
   # Inside the round the population is already the cohort's rows.
   def take(self, group, population, slots):
@@ -184,11 +211,11 @@ class HostStore(DeviceStore):
   def wrap(self, round_fn: Callable, data) -> Callable:
     def host_round(state):
       slots = self._sample(state.key, state.round)
-      host_slots = jax.device_put(slots, self.host_device)
+      host_slots = jax.device_put(slots, self._host_sharding())
       cohort = jax.device_put(self._gather(state.population, host_slots), self.cohort_sharding())
       new, report = round_fn(state.replace(population=cohort), data, slots)
       population = self._scatter(state.population, host_slots,
-                                 jax.device_put(new.population, self.host_device))
+                                 jax.device_put(new.population, self.population_sharding()))
       return new.replace(population=population), report
     return host_round
 
