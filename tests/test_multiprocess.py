@@ -189,14 +189,21 @@ def test_start_up_mistakes_give_one_line(tmp_path, case, expected):
   assert len(errors) == 1 and re.search(expected, errors[0]), proc.stderr[-2000:]
 
 
-def test_processes_with_different_settings_stop_with_one_line(tmp_path):
+@pytest.mark.parametrize("mistake,expected", [
+    ("settings", r"the processes were started with different settings: process\(es\) \[1\] "
+                 r"differ from process 0"),
+    ("workdir", r"process\(es\) \[1\] do not see the workdir .*run[01] as process 0 wrote it"),
+])
+def test_processes_that_do_not_match_stop_with_one_line(tmp_path, mistake, expected):
+  """Different settings, or a workdir only process 0 sees (here: one per process)."""
   port = free_port()
-  procs = [start(cli(tmp_path / "run", port, i, "--config.num_rounds=1",
-                     "--config.mesh_shape=0", f"--config.seed={i}"), tmp_path / f"p{i}.log")
+  procs = [start(cli(tmp_path / ("run0" if mistake == "settings" else f"run{i}"), port, i,
+                     "--config.num_rounds=1", "--config.mesh_shape=0",
+                     f"--config.seed={i if mistake == 'settings' else 0}"), tmp_path / f"p{i}.log")
            for i in range(2)]
   assert wait_all(procs, timeout=300) == [2, 2]
   for i in range(2):
     log = (tmp_path / f"p{i}.log").read_text()
-    assert re.search(r"fml_jax: error: the processes were started with different settings: "
-                     r"process\(es\) \[1\] differ from process 0", log), log[-2000:]
-  assert not (tmp_path / "run" / "config.json").exists()
+    errors = [l for l in log.splitlines() if l.startswith("fml_jax: error:")]
+    assert len(errors) == 1 and re.search(expected, errors[0]), log[-2000:]
+  assert not (tmp_path / "run0" / "config.json").exists()
