@@ -24,6 +24,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 from typing import Optional
 
@@ -196,16 +197,34 @@ def is_collective_failure(error: BaseException) -> bool:
   return jax.process_count() > 1 and isinstance(error, jax.errors.JaxRuntimeError)
 
 
+def _lost_processes(wait_seconds: float) -> Optional[list[int]]:
+  """The processes the coordination service no longer counts as alive, asked once a
+  collective failed. It answers when the lost ones' heartbeats have timed out; None if
+  it cannot tell within `wait_seconds`."""
+  answer = []
+
+  def ask():
+    try:
+      client = jax._src.distributed.global_state.client  # pylint: disable=protected-access
+      answer.append(set(client.get_live_nodes(list(range(jax.process_count())))))
+    except Exception:  # pylint: disable=broad-except  (the runtime may be going down)
+      pass
+  asking = threading.Thread(target=ask, daemon=True)
+  asking.start()
+  asking.join(wait_seconds)
+  return sorted(set(range(jax.process_count())) - answer[0]) if answer else None
+
+
 def stop_after_lost_process(error: BaseException, heartbeat_timeout: int, workdir: str) -> None:
-  """One line for a collective that failed because a process was lost, then a wait for
-  JAX's coordination service, which names the lost process once its heartbeats stop
-  (and ends this process); exit status 4 if it has not by then."""
-  detail = " ".join(str(error).split())[:300]
-  print(f"fml_jax: error: process {jax.process_index()}: a collective with the other processes "
-        f"failed ({detail}), so a process was lost; JAX names it below within "
-        f"{heartbeat_timeout} s (\"stopped sending heartbeats\"). Start every process again with "
-        f"the same command: the run resumes from its last complete checkpoint in {workdir}",
-        file=sys.stderr, flush=True)
-  time.sleep(heartbeat_timeout + 10)
-  sys.stderr.flush()
+  """One line naming the lost process(es) when a collective failed because a process
+  died, then exit status 4. The name comes from JAX's coordination service once the
+  lost process's heartbeats time out (if the service ends this process first, its own
+  line names the lost task)."""
+  detail = " ".join(str(error).split())[:200]
+  lost = _lost_processes(heartbeat_timeout + 10)
+  who = (f"process(es) {lost} of {jax.process_count()} were lost" if lost
+         else "another process was lost")
+  print(f"fml_jax: error: {who} (process {jax.process_index()}: a collective failed: {detail}). "
+        f"Start every process again with the same command: the run resumes from its last "
+        f"complete checkpoint in {workdir}", file=sys.stderr, flush=True)
   os._exit(4)   # skip the shutdown barrier, which the lost process can never reach

@@ -122,7 +122,8 @@ def pytest_xdist_auto_num_workers(config):
 
 # The longest files first, so that with several workers (pytest.ini) none of them is
 # left alone at the end with a long one.
-LONGEST_FIRST = ("test_accelerator_suite.py", "test_sharding.py", "test_bad_input.py",
+LONGEST_FIRST = ("test_multiprocess.py", "test_accelerator_suite.py", "test_sharding.py",
+                 "test_bad_input.py",
                  "test_rounds.py", "test_end_to_end.py")
 
 

@@ -119,7 +119,7 @@ def cli(workdir, port, process_id, *extra):
           f"--process_id={process_id}", *extra]
 
 
-KILL_RUN = ("--config.num_clients=8", "--config.clients_per_round=4", "--config.num_rounds=14",
+KILL_RUN = ("--config.num_clients=8", "--config.clients_per_round=4", "--config.num_rounds=10",
             "--config.eval_every=1", "--config.checkpoint_every=1", "--config.mesh_shape=0",
             "--config.synthetic_max_client_examples=120", "--config.local_epochs=2",
             "--config.batch_size=16", "--config.strategy=vmap")
@@ -144,10 +144,12 @@ def test_a_killed_process_stops_the_other_and_the_run_resumes(tmp_path):
   survivor = (tmp_path / "first0.log").read_text()
   # JAX's coordination service names the lost process; ours says what to do, when the
   # survivor noticed first through a failed collective.
-  assert re.search(r"stopped sending heartbeats\)?:?\s*\n?\s*1\b", survivor), survivor[-3000:]
+  named = (re.search(r"stopped sending heartbeats\)?:?\s*\n?\s*1\b", survivor)
+           or re.search(r"fml_jax: error: process\(es\) \[1\] of 2 were lost", survivor))
+  assert named, survivor[-3000:]
   assert "Traceback" not in survivor or "fml_jax: error:" not in survivor
   rounds_done = len(read_metrics(workdir))
-  assert rounds_done < 14
+  assert rounds_done < 10
   # Both again, as they were started: the run resumes from its last complete checkpoint.
   port = free_port()
   procs = [start(cli(workdir, port, i, *KILL_RUN), tmp_path / f"again{i}.log") for i in range(2)]
@@ -155,7 +157,7 @@ def test_a_killed_process_stops_the_other_and_the_run_resumes(tmp_path):
   again = (tmp_path / "again0.log").read_text()
   assert re.search(r"resuming after round \d+", again), again[-3000:]
   resumed = read_metrics(workdir)
-  assert [r["round"] for r in resumed] == list(range(1, 15))
+  assert [r["round"] for r in resumed] == list(range(1, 11))
   # The uninterrupted run, in this process on one device.
   reference = tmp_path / "uninterrupted"
   overrides = {f.split("=")[0][len("--config."):]: f.split("=")[1] for f in KILL_RUN}
