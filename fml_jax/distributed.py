@@ -36,6 +36,10 @@ from fml_jax.errors import UserError
 # Seconds without a heartbeat before the others give a process up (JAX's default is
 # 100; a lost process should not hold the rest of the run for long).
 DEFAULT_HEARTBEAT_TIMEOUT = 20
+# Seconds a finished (or failed) process waits at exit for the others to finish too:
+# a process that failed alone (its dataset missing, say) leaves within this, and the
+# others then stop when its heartbeats do (JAX's default is 300).
+SHUTDOWN_TIMEOUT = 30
 # Seconds every process waits for all of them to connect.
 DEFAULT_INIT_TIMEOUT = 120
 # The variables a launcher may set instead of the flags (JAX reads the first itself).
@@ -103,7 +107,8 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id,
                                initialization_timeout=init_timeout,
-                               heartbeat_timeout_seconds=heartbeat_timeout)
+                               heartbeat_timeout_seconds=heartbeat_timeout,
+                               shutdown_timeout_seconds=SHUTDOWN_TIMEOUT)
   except Exception as e:  # pylint: disable=broad-except  (the runtime's errors are long)
     detail = " ".join(str(e).split())[:400]
     if "DEADLINE_EXCEEDED" in detail or "timed out" in detail.lower():
