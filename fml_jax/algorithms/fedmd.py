@@ -77,7 +77,7 @@ import jax.numpy as jnp
 from absl import logging
 from ml_collections import FieldReference
 
-from fml_jax import losses, outputs, settings
+from fml_jax import distributed, losses, outputs, settings
 from fml_jax.algorithms.client_models import ClientModelsAlgorithm
 from fml_jax.algorithms.steps import loss_step, supervised_step
 from fml_jax.errors import ConfigError
@@ -441,7 +441,7 @@ class FedMD(ClientModelsAlgorithm):
     bounds = {"no_collaboration": warm_record,
               "pooled": {"round": 0, **evaluate(pooled),
                          "warm_start_seconds": time.perf_counter() - t0}}
-    if jax.process_index() == 0:   # across processes, process 0 writes the run's files
+    if distributed.is_writer():   # across processes, process 0 writes the run's files
       outputs.atomic_write_json(workdir / "bounds.json", bounds)
     logging.info("pooled-data bound: personalized acc %.4f, on the global test set %.4f",
                  bounds["pooled"]["local_test_acc_mean"],

@@ -107,7 +107,7 @@ class Runner:
 
   def init(self, seed: int) -> RoundState:
     if jax.process_count() > 1:   # each process computes only its own shards
-      shardings = self.store.state_shardings(jax.eval_shape(lambda: self._unplaced_init(seed)))
+      shardings = jax.tree.map(lambda x: x.sharding, self.abstract_state(seed))
       return jax.jit(lambda: self._unplaced_init(seed), out_shardings=shardings)()
     return self.store.place(self._unplaced_init(seed))
 
