@@ -57,6 +57,7 @@ class Runner:
     self.store = make_store(placement, self.groups, mesh)
     self.data = self.store.place_data(data)
     self._init = jax.jit(algorithm.init, static_argnums=1)   # thousands of models: not eagerly
+    self._plans = {}   # shapes of the state -> RoundPlan (see plan()); the auto rule reads one
     protocol = RoundProtocol(algorithm, self.groups, self.aggregation, Vmap(), self.store,
                              Availability.from_config(algorithm.config))
     if jax.process_count() > 1 and strategy in ("sequential", "debug"):
@@ -92,8 +93,8 @@ class Runner:
       return True
     if self.local_steps_per_round() > CPU_VMAP_MAX_STEPS:
       return False
-    plan = plans.make_plan(protocol, self.data, self.abstract_state(0))
-    return not plans.uses_convolution(plan, self.algorithm)
+    return not plans.uses_convolution(self._plan(protocol, self.abstract_state(0)),
+                                      self.algorithm)
 
   # --- states ---------------------------------------------------------------------------
 
@@ -157,7 +158,18 @@ class Runner:
   # --- ahead of time --------------------------------------------------------------------
 
   def plan(self, state_like: RoundState) -> plans.RoundPlan:
-    return plans.make_plan(self.protocol, self.data, state_like)
+    return self._plan(self.protocol, state_like)
+
+  def _plan(self, protocol, state_like: RoundState) -> plans.RoundPlan:
+    """The round's plan, traced once per shape of state: the CPU `auto` rule, the bytes
+    count and the compile each read it, and tracing every group's client update is a
+    large part of a small run's start-up. The plan ignores the executor (it traces under
+    vmap), the one part of the protocol the runner replaces."""
+    leaves, treedef = jax.tree.flatten(state_like)
+    key = (treedef, tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves))
+    if key not in self._plans:
+      self._plans[key] = plans.make_plan(protocol, self.data, state_like)
+    return self._plans[key]
 
   def compile(self, state_like: RoundState) -> dict:
     """Compiles the round for states shaped like `state_like`; later rounds run the
