@@ -18,8 +18,32 @@ from conftest import small_config  # pylint: disable=g-import-not-at-top,wrong-i
 from fml_jax import distributed, train  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
+def write_the_compilation_cache_from_every_process():
+  """JAX writes its persistent compilation cache from process 0 only (to spare shared
+  filesystems concurrent writes), and the other processes' programs have cache keys of
+  their own, so process 1 would compile its whole round again on every test run while
+  process 0 waits for it in the first collective. Here every process writes its own
+  entries (test processes share one local folder). A private JAX function: if JAX
+  renames it, the tests only get slower."""
+  from jax._src import compiler, distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  write = getattr(compiler, "_cache_write", None)
+  if write is None or not hasattr(jax_distributed.global_state, "process_id"):
+    return
+
+  def write_as_process_0(*args, **kwargs):
+    process_id = jax_distributed.global_state.process_id
+    jax_distributed.global_state.process_id = 0
+    try:
+      return write(*args, **kwargs)
+    finally:
+      jax_distributed.global_state.process_id = process_id
+
+  compiler._cache_write = write_as_process_0  # pylint: disable=protected-access
+
+
 def main():
   spec = json.loads(sys.argv[1])
+  write_the_compilation_cache_from_every_process()
   if spec.get("coordinator"):
     distributed.initialize(spec["coordinator"], spec["num_processes"], spec["process_id"])
     print(distributed.describe(), flush=True)
