@@ -152,7 +152,9 @@ def test_a_killed_process_stops_the_other_and_the_run_resumes(tmp_path):
   named = (re.search(r"stopped sending heartbeats\)?:?\s*\n?\s*1\b", survivor)
            or re.search(r"fml_jax: error: process\(es\) \[1\] of 2 were lost", survivor))
   assert named, survivor[-3000:]
-  assert "Traceback" not in survivor or "fml_jax: error:" not in survivor
+  if "fml_jax: error:" in survivor:   # our line, and no traceback through the command line
+    # (orbax may log its own background save's failure, with its traceback, just before)
+    assert 'fml_jax/main.py", line' not in survivor, survivor[-3000:]
   rounds_done = len(read_metrics(workdir))
   assert rounds_done < 10
   # Both again, as they were started: the run resumes from its last complete checkpoint.
