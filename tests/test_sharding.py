@@ -52,7 +52,8 @@ for case, name in cases:
     sharded = ([str(getattr(leaves[0].sharding, "spec", leaves[0].sharding))] if leaves
                else [])
     results[devices] = (jax.device_get(state), sharded)
-  diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), results[1][0], results[4][0])
+  diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a, np.float64) - b))),
+                       results[1][0], results[4][0])
   out[case] = {"max_abs_diff": max(jax.tree.leaves(diffs)), "spec": results[4][1]}
 print("RESULT " + json.dumps(out))
 """
