@@ -18,7 +18,7 @@ from fml_jax.configs import default
 from fml_jax.data.augment import AUGMENTATIONS
 from fml_jax.data.partition import PARTITIONS, check_partition_fits_dataset
 from fml_jax.errors import ConfigError
-from fml_jax.models import MODELS, STATEFUL_MODELS
+from fml_jax.models import MODEL_FAMILIES, MODELS, STATEFUL_MODELS, expand_family
 from fml_jax.optimizers import OPTIMIZERS
 from fml_jax.rounds import AGGREGATIONS, PLACEMENTS, STRATEGIES
 from fml_jax.rounds.availability import STRAGGLER_POLICIES
@@ -66,9 +66,11 @@ def validate(config) -> None:
     hint = f"; did you mean '{renamed}'?" if renamed else ""
     raise ConfigError(name, f"is not a setting of fml_jax{hint} (the fields are listed in "
                       "fml_jax/configs/default.py and each algorithm's defaults())")
-  for name in split_list(config.local_models):
+  for name in expand_family(split_list(config.local_models)):
     if name not in MODELS:
-      raise ConfigError("local_models", f"'{name}' is not one of {', '.join(MODELS)}")
+      raise ConfigError("local_models", f"'{name}' is not one of {', '.join(MODELS)}, "
+                        f"nor a model family ({', '.join(MODEL_FAMILIES)})")
+  settings.number(config, "feature_dim", 0, integer=True)
   settings.choice(config, "model", tuple(MODELS))
   settings.choice(config, "catfish_model", tuple(MODELS))
   _check_batch_norm(config, cls)
@@ -91,9 +93,10 @@ def validate(config) -> None:
   if not cls.uses_server_optimizer and not aggregation.is_plain_average(config.server):
     raise ConfigError("server.optimizer", f"{cls.name} averages no models, so it has no server "
                       f"optimizer; those that do: {_names_with('uses_server_optimizer')}")
-  # Every registered algorithm's section, so a typo in one that is not running is caught too.
-  for other in set(algorithms.ALGORITHMS.values()):
-    if other.config_section and other.config_section in config:
+  # Every registered algorithm's section, so a typo in one that is not running is caught
+  # too, and the running algorithm's own checks even if it has no section.
+  for other in set(algorithms.ALGORITHMS.values()) | {cls}:
+    if other is cls or (other.config_section and other.config_section in config):
       other.check_config(config)
   _check_generic(config)
   replicas.check_replica_settings(config)

@@ -14,11 +14,13 @@ non-trainable collections (empty for most models).
 from __future__ import annotations
 
 import functools
+import re
 from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fml_jax import conv
 from fml_jax.errors import ConfigError
@@ -43,10 +45,12 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
 class LogReg(nn.Module):
   """Multinomial logistic regression, FedProx's model for Synthetic(a, b)."""
   num_classes: int
+  head: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    return nn.Dense(self.num_classes)(x.reshape(x.shape[0], -1))
+    x = x.reshape(x.shape[0], -1)
+    return nn.Dense(self.num_classes)(x) if self.head else x
 
 
 class MLP(nn.Module):
@@ -57,6 +61,7 @@ class MLP(nn.Module):
   num_classes: int
   hidden: tuple = (200, 200)
   batch_norm: bool = False
+  head: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -66,25 +71,31 @@ class MLP(nn.Module):
       if self.batch_norm:
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(x)
       x = nn.relu(x)
-    return nn.Dense(self.num_classes)(x)
+    return nn.Dense(self.num_classes)(x) if self.head else x
 
 
 class CNN(nn.Module):
-  """FedAvg's CNN: 5x5 conv 32, pool, 5x5 conv 64, pool, dense 512, dense out."""
+  """FedAvg's CNN: 5x5 conv 32, pool, 5x5 conv 64, pool, dense 512, dense out.
+
+  `padding="SAME"` is the FedAvg paper's; `"VALID"` is PFLlib's and HtFLlib's
+  `FedAvgCNN` (`cnn_htfl`: 1024 features into the dense 512 on 28x28, 1600 on 32x32)."""
   num_classes: int
+  padding: str = "SAME"
+  head: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = max_pool_2x2(nn.relu(Conv(32, (5, 5), padding="SAME")(x)))
-    x = max_pool_2x2(nn.relu(Conv(64, (5, 5), padding="SAME")(x)))
+    x = max_pool_2x2(nn.relu(Conv(32, (5, 5), padding=self.padding)(x)))
+    x = max_pool_2x2(nn.relu(Conv(64, (5, 5), padding=self.padding)(x)))
     x = x.reshape(x.shape[0], -1)
     x = nn.relu(nn.Dense(512)(x))
-    return nn.Dense(self.num_classes)(x)
+    return nn.Dense(self.num_classes)(x) if self.head else x
 
 
 class LeNet5(nn.Module):
   """LeNet-5 with ReLU and max pooling (6 and 16 filters, dense 120, 84)."""
   num_classes: int
+  head: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -93,7 +104,7 @@ class LeNet5(nn.Module):
     x = x.reshape(x.shape[0], -1)
     x = nn.relu(nn.Dense(120)(x))
     x = nn.relu(nn.Dense(84)(x))
-    return nn.Dense(self.num_classes)(x)
+    return nn.Dense(self.num_classes)(x) if self.head else x
 
 
 class FMLCNN(nn.Module):
@@ -104,6 +115,7 @@ class FMLCNN(nn.Module):
   28x28: 3*3*64 = 576; the official code hard-codes 3 input channels, 1024 features
   and 10 classes). Needs images of at least 18x18."""
   num_classes: int
+  head: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -111,7 +123,7 @@ class FMLCNN(nn.Module):
     x = max_pool_2x2(nn.relu(Conv(64, (3, 3), padding="VALID")(x)))
     x = nn.relu(Conv(64, (3, 3), padding="VALID")(x))
     x = nn.relu(nn.Dense(64)(x.reshape(x.shape[0], -1)))
-    return nn.Dense(self.num_classes)(x)
+    return nn.Dense(self.num_classes)(x) if self.head else x
 
 
 class CNNCifar(nn.Module):
@@ -120,6 +132,7 @@ class CNNCifar(nn.Module):
   32x32), dense120-relu, dense84-relu, dense. Unlike `lenet5` the first convolution
   is unpadded. Needs images of at least 16x16."""
   num_classes: int
+  head: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -128,7 +141,7 @@ class CNNCifar(nn.Module):
     x = x.reshape(x.shape[0], -1)
     x = nn.relu(nn.Dense(120)(x))
     x = nn.relu(nn.Dense(84)(x))
-    return nn.Dense(self.num_classes)(x)
+    return nn.Dense(self.num_classes)(x) if self.head else x
 
 
 class CNNMnist(nn.Module):
@@ -136,13 +149,14 @@ class CNNMnist(nn.Module):
   5x5 convolutions, conv20-maxpool2-relu, conv50-maxpool2-relu, flatten (50*4*4 = 800
   on 28x28), dense50-relu, dense. Needs images of at least 16x16."""
   num_classes: int
+  head: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     x = nn.relu(max_pool_2x2(Conv(20, (5, 5), padding="VALID")(x)))
     x = nn.relu(max_pool_2x2(Conv(50, (5, 5), padding="VALID")(x)))
     x = nn.relu(nn.Dense(50)(x.reshape(x.shape[0], -1)))
-    return nn.Dense(self.num_classes)(x)
+    return nn.Dense(self.num_classes)(x) if self.head else x
 
 
 def batch_norm(train: bool, **kwargs) -> nn.BatchNorm:
@@ -203,6 +217,7 @@ class ResNet20(nn.Module):
   """
   num_classes: int
   width: int = 16
+  head: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -218,7 +233,8 @@ class ResNet20(nn.Module):
         x = PreActBottleneck(planes, s, shortcut=s != 1 or features != 4 * planes,
                              name=f"layer{stage}_{block}")(x, train)
         features = 4 * planes
-    return nn.Dense(self.num_classes, name="linear")(x.mean(axis=(1, 2)))
+    x = x.mean(axis=(1, 2))
+    return nn.Dense(self.num_classes, name="linear")(x) if self.head else x
 
 
 # VGG-16's convolution widths; "M": 2x2 max pooling.
@@ -239,6 +255,7 @@ class VGG16BN(nn.Module):
   scale: int = 1
   hidden: int = 4096
   dropout: float = 0.5
+  head: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -256,7 +273,7 @@ class VGG16BN(nn.Module):
     for layer in (14, 15):
       x = nn.relu(nn.Dense(max(1, self.hidden // self.scale), name=f"fc{layer}")(x))
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    return nn.Dense(self.num_classes, name="fc16")(x)
+    return nn.Dense(self.num_classes, name="fc16")(x) if self.head else x
 
 
 def avg_pool_2_same(x: jax.Array, strides: int) -> jax.Array:
@@ -277,6 +294,7 @@ class FedMDCNN(nn.Module):
   num_classes: int
   filters: tuple
   dropout: float
+  head: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -293,7 +311,43 @@ class FedMDCNN(nn.Module):
     else:
       x = avg_pool_2_same(block(x, self.filters[1], 2, 2, "VALID"), 2)
       x = block(x, self.filters[2], 3, 2, "VALID")
-    return nn.Dense(self.num_classes, use_bias=False)(x.reshape(x.shape[0], -1))
+    x = x.reshape(x.shape[0], -1)
+    return nn.Dense(self.num_classes, use_bias=False)(x) if self.head else x
+
+
+def adaptive_avg_pool_matrix(width: int, feature_dim: int) -> jax.Array:
+  """(width, feature_dim): `features @ M` is PyTorch's `nn.AdaptiveAvgPool1d(feature_dim)`
+  over the last axis. Output i averages inputs floor(i * width / fd) .. ceil((i + 1) *
+  width / fd) - 1, so wider features are averaged down and narrower ones repeated up
+  (neighbours averaged where the ratio is not whole); equal widths: the identity."""
+  i = np.arange(feature_dim)
+  start = (i * width) // feature_dim
+  end = -((-(i + 1) * width) // feature_dim)
+  j = np.arange(width)[:, None]
+  inside = (j >= start) & (j < end)
+  return jnp.asarray(inside / (end - start), jnp.float32)
+
+
+class HeadSplit(nn.Module):
+  """HtFLlib's `BaseHeadSplit`: `base` (a zoo model without its output layer) whose
+  features are average-pooled to `feature_dim` (`adaptive_avg_pool_matrix`), then
+  `head` = Dense(num_classes). Parameters {"base": ..., "head": ...}; `features` is
+  the pooled representation prototypes, heads and feature losses work on."""
+  base: nn.Module
+  feature_dim: int
+  num_classes: int
+
+  def setup(self):
+    self.head = nn.Dense(self.num_classes)
+
+  def features(self, x, train: bool = False):
+    z = self.base(x, train=train)
+    if z.shape[-1] == self.feature_dim:
+      return z
+    return z @ adaptive_avg_pool_matrix(z.shape[-1], self.feature_dim).astype(z.dtype)
+
+  def __call__(self, x, train: bool = False):
+    return self.head(self.features(x, train))
 
 
 # FedMD's ten parties (official code): (filters, dropout); 2 filters = 2 conv blocks.
@@ -318,6 +372,7 @@ MODELS: dict[str, tuple[Callable[[int], nn.Module], bool]] = {
     "mlp_wide": (lambda n: MLP(num_classes=n, hidden=(400, 400)), False),
     "mlp_bn": (lambda n: MLP(num_classes=n, batch_norm=True), False),
     "cnn": (lambda n: CNN(num_classes=n), True),
+    "cnn_htfl": (lambda n: CNN(num_classes=n, padding="VALID"), True),
     "lenet5": (lambda n: LeNet5(num_classes=n), True),
     # fedmd_cnn2 / fedmd_cnn3: the two types; fedmd_p0 .. fedmd_p9: the ten parties;
     # fedmd_small_p0 .. p9: the parties with 1/8 of the filters.
@@ -346,14 +401,40 @@ STATEFUL_MODELS = frozenset(name for name in MODELS if name.startswith(BATCH_NOR
 
 # The smallest image side each model takes (valid convolutions and pooling shrink
 # the image; VGG pools five times); other image models: 12.
-MIN_IMAGE_SIDE = {"fml_cnn": 18, "cnn_cifar": 16, "cnn_mnist": 16, "vgg16_bn": 32,
+MIN_IMAGE_SIDE = {"fml_cnn": 18, "cnn_htfl": 16, "cnn_cifar": 16, "cnn_mnist": 16, "vgg16_bn": 32,
                   "vgg16_bn_small": 32}
 
 
-def build_model(name: str, num_classes: int, input_shape: tuple, field: str = "model") -> nn.Module:
-  """The model called `name`, checked against the data's input shape."""
+# Model families in the spirit of HtFLlib's `HtFE-img-*` (ALGORITHMS.md, "HtFLlib model
+# families"): `local_models=<family>` assigns its members to clients round-robin. These
+# train on a 2-core CPU; HtFLlib's own families add GoogLeNet, MobileNetV2 and
+# ResNet-18/34/50/101/152 (ImageNet-style stems), which are for accelerators and not in
+# this zoo.
+MODEL_FAMILIES = {
+    # image data: HtFLlib's FedAvgCNN, LeNet-5, two MLP widths, FedMR's small ResNet
+    "htfe_cpu_img": ("cnn_htfl", "lenet5", "mlp_small", "mlp", "resnet20_small"),
+    # vector (or image) data: MLPs of three widths and logistic regression
+    "htfe_cpu_vec": ("mlp_small", "mlp", "mlp_wide", "logreg"),
+}
+
+
+def expand_family(names: list[str]) -> list[str]:
+  """A single family name -> its members; anything else unchanged."""
+  if len(names) == 1 and names[0] in MODEL_FAMILIES:
+    return list(MODEL_FAMILIES[names[0]])
+  return names
+
+
+def build_model(name: str, num_classes: int, input_shape: tuple, field: str = "model",
+                feature_dim: int = 0) -> nn.Module:
+  """The model called `name`, checked against the data's input shape. With
+  `feature_dim` > 0 HtFLlib's split model: its layers up to the output one as `base`,
+  pooled to `feature_dim` features, then a Dense head (`HeadSplit`)."""
   if name not in MODELS:
-    raise ConfigError(field, f"unknown model '{name}'; choose one of {', '.join(MODELS)}")
+    families = f" (or, as local_models, one family: {', '.join(MODEL_FAMILIES)})" \
+        if field == "local_models" else ""
+    raise ConfigError(field, f"unknown model '{name}'; choose one of {', '.join(MODELS)}"
+                      f"{families}")
   make, needs_image = MODELS[name]
   if needs_image and len(input_shape) != 3:
     raise ConfigError(field, f"model '{name}' needs image inputs (height, width, channels), "
@@ -362,7 +443,37 @@ def build_model(name: str, num_classes: int, input_shape: tuple, field: str = "m
   if needs_image and min(input_shape[:2]) < side:
     raise ConfigError(field, f"model '{name}' needs images of at least {side}x{side} pixels, "
                       f"the dataset's are {input_shape[0]}x{input_shape[1]}")
+  if feature_dim:
+    return HeadSplit(base=make(num_classes).clone(head=False), feature_dim=feature_dim,
+                     num_classes=num_classes)
   return make(num_classes)
+
+
+def output_layer(params) -> str | None:
+  """The name of a model's output layer in its top-level `params`: a split model's
+  `head` (feature_dim > 0), else the highest-numbered `Dense_<k>` (flax numbers compact
+  submodules in call order; jax sorts dict keys as text, so `Dense_10` < `Dense_2` there
+  and the number is what counts); None if there is neither."""
+  if "head" in params:
+    return "head"
+  dense = [k for k in params if re.fullmatch(r"Dense_\d+", k)]
+  return max(dense, key=lambda k: int(k.split("_")[1])) if dense else None
+
+
+def features(model: nn.Module, params, model_state: dict, x: jax.Array, train: bool,
+             key: jax.Array) -> tuple[jax.Array, jax.Array, dict]:
+  """(features, logits, new model state) of a `HeadSplit` model, as `forward`."""
+  def both(module, x):
+    z = module.features(x, train=train)
+    return z, module.head(z)
+  rngs = {"dropout": key} if train else {}
+  variables = {"params": params, **model_state}
+  if not train or not model_state:
+    z, logits = model.apply(variables, x, rngs=rngs, method=both)
+    return z, logits, model_state
+  (z, logits), updates = model.apply(variables, x, rngs=rngs, method=both,
+                                     mutable=list(model_state))
+  return z, logits, dict(updates)
 
 
 def init_variables(model: nn.Module, key: jax.Array, input_shape: tuple) -> dict:

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from fml_jax import local_training
-from fml_jax.algorithms.feddistill import aggregate, class_sums, distill_loss
+from fml_jax.algorithms.feddistill import distill_loss
+from fml_jax.algorithms.per_class import class_sums, mean_over_reports as aggregate
 from fml_jax.errors import ConfigError
 from fml_jax.models import forward
 from fml_jax.rounds.types import RoundContext

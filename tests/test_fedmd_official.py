@@ -13,7 +13,7 @@ from fml_jax import config_checks
 from fml_jax.algorithms import build_algorithm, fedmd
 from fml_jax.algorithms.steps import supervised_step
 from fml_jax.errors import ConfigError
-from fml_jax.models import apply_model, build_model, init_variables
+from fml_jax.models import apply_model, build_model, init_variables, output_layer
 from fml_jax.optimizers import TrainState
 
 PUBLIC, ALIGNMENT = 60, 30
@@ -108,16 +108,18 @@ def test_auto_rule_counts_revisit_steps_with_the_revisit_batch():
 # --- (b) the L2 penalty on the last Dense kernel ---------------------------------------
 
 
-def test_final_dense_is_the_highest_numbered_dense():
-  assert fedmd.final_dense({"Conv_0": 0, "Dense_2": 0, "Dense_10": 0, "BatchNorm_0": 0}) \
+def test_final_dense_is_the_highest_numbered_dense_or_the_split_models_head():
+  assert output_layer({"Conv_0": 0, "Dense_2": 0, "Dense_10": 0, "BatchNorm_0": 0}) \
       == "Dense_10"
-  assert fedmd.final_dense({"Conv_0": 0}) is None
-  for name, want in (("mlp", "Dense_2"), ("mlp_small", "Dense_1"), ("logreg", "Dense_0"),
-                     ("fedmd_small_p5", "Dense_0")):
+  assert output_layer({"Conv_0": 0}) is None
+  for name, feature_dim, want in (("mlp", 0, "Dense_2"), ("mlp_small", 0, "Dense_1"),
+                                  ("logreg", 0, "Dense_0"), ("fedmd_small_p5", 0, "Dense_0"),
+                                  ("fedmd_small_p5", 8, "head"), ("mlp", 8, "head")):
     shape = (28, 28, 1) if name.startswith("fedmd") else (60,)
-    params = jax.eval_shape(lambda: init_variables(build_model(name, 10, shape),
+    params = jax.eval_shape(lambda: init_variables(build_model(name, 10, shape,
+                                                               feature_dim=feature_dim),
                                                    jax.random.PRNGKey(0), shape))["params"]
-    assert fedmd.final_dense(params) == want
+    assert output_layer(params) == want
 
 
 def sgd_algorithm(**overrides):

@@ -5,7 +5,9 @@ stacked pytree.
 
   local_models     "mlp,cnn": assigned round-robin (client i gets entry i % n); a
                    list of num_clients entries is an explicit per-client choice;
+                   a family name (models.MODEL_FAMILIES) its members round-robin;
                    "" = the global `model`.
+  feature_dim      > 0: every model split HtFLlib's way (models.HeadSplit).
   catfish_clients  "0" or "0,3": these clients' local model is `catfish_model`
                    instead (FML's "catfish effect" experiment).
   client_tasks     "full,parity": each client's task, assigned the same way
@@ -25,7 +27,7 @@ from fml_jax import tasks
 from typing import Sequence
 
 from fml_jax.errors import ConfigError
-from fml_jax.models import build_model, init_variables
+from fml_jax.models import build_model, expand_family, init_variables
 from fml_jax.optimizers import TrainState, make_optimizer
 from fml_jax.rounds.algorithm import Algorithm, client_models_key
 from fml_jax.rounds.types import PersonalizedModels
@@ -60,8 +62,8 @@ class ClientModelGroup:
 
 
 def local_model_names(config, num_clients: int) -> list[str]:
-  names = assign_to_clients(split_list(config.local_models) or [config.model], num_clients,
-                            "local_models")
+  names = assign_to_clients(expand_family(split_list(config.local_models)) or [config.model],
+                            num_clients, "local_models")
   for text in split_list(config.catfish_clients):
     try:
       client = int(text)
@@ -86,7 +88,8 @@ def client_model_groups(config, num_classes: int, input_shape: tuple,
     # Name the setting the model came from: local_models is "" when it defaults to model.
     field = ("catfish_model" if name in catfish else
              "local_models" if config.local_models else "model")
-    return ClientModelGroup(name, task, build_model(name, task.num_outputs, input_shape, field))
+    return ClientModelGroup(name, task, build_model(name, task.num_outputs, input_shape, field,
+                                                    config.get("feature_dim", 0)))
 
   groups = [build(name, task) for name, task in keys]
   return group_of, groups

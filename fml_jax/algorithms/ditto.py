@@ -67,7 +67,8 @@ class Ditto(ClientModelsAlgorithm):
 
   def __init__(self, config, num_classes, input_shape):
     super().__init__(config, num_classes, input_shape)
-    self.model = build_model(config.model, num_classes, input_shape, "model")
+    self.model = build_model(config.model, num_classes, input_shape, "model",
+                             config.get("feature_dim", 0))
     self.server_optimizer = ServerOptimizer.from_config(config)
 
   def init(self, key, group_sizes):

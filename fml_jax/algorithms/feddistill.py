@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from fml_jax import losses, settings
+from fml_jax.algorithms import per_class
 from fml_jax.algorithms.client_models import ClientModelsAlgorithm
 from fml_jax.algorithms.steps import loss_step
 from fml_jax.errors import ConfigError
@@ -55,22 +56,6 @@ def distill_loss(logits, labels, mask, global_logits, has_global, weight: float,
   ce = losses.cross_entropy(logits, labels, mask)
   distill = jnp.where(has_global.any(), losses.masked_mean(soft_ce, mask), 0.0)
   return ce + weight * distill, ce, distill
-
-
-def class_sums(logits, labels, mask, num_classes: int):
-  """((C, C) per-class sums of the valid examples' logits, (C,) their counts)."""
-  onehot = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype) * mask[:, None]
-  return onehot.T @ jax.lax.stop_gradient(logits), onehot.sum(axis=0)
-
-
-def aggregate(logits, has, reported):
-  """The server's step: per class, the unweighted mean of the (k, C, C) uploaded class
-  logits over the k clients whose upload reached it (`reported`, (k,)) and saw that
-  class (`has`, (k, C)). Returns ((C, C) global logits, (C,) which classes have one)."""
-  valid = (has & reported[:, None]).astype(logits.dtype)   # (k, C)
-  count = valid.sum(axis=0)
-  mean = jnp.einsum("kc,kcj->cj", valid, logits) / jnp.maximum(count, 1.0)[:, None]
-  return mean, count > 0
 
 
 class FedDistill(ClientModelsAlgorithm):
@@ -122,19 +107,19 @@ class FedDistill(ClientModelsAlgorithm):
         return loss, (model_state, (logits, ce, distill))
 
       state, loss, (logits, ce, distill) = loss_step(state, loss_fn, self.optimizer, lr_scale)
-      batch_sums, batch_counts = class_sums(logits, y, mask, c)
+      batch_sums, batch_counts = per_class.class_sums(logits, y, mask, c)
       return (state, sums + batch_sums, counts + batch_counts), {
           "train_loss": loss, "train_ce": ce, "distill_loss": distill}
 
     start = (client_state, jnp.zeros((c, c), jnp.float32), jnp.zeros((c,), jnp.float32))
     (state, sums, counts), metrics = self.train(step, start, client, data)
-    upload = {"logits": sums / jnp.maximum(counts, 1.0)[:, None], "has": counts > 0}
+    class_logits, has = per_class.means(sums, counts)
+    upload = {"logits": class_logits, "has": has}
     return ClientResult(client_state=state, upload=upload, metrics=metrics)
 
   def server_update(self, server_state, uploads, context):
-    k = uploads["has"].shape[0]
-    reported = jnp.ones((k,), bool) if context.reports is None else context.reports
     # From this round's uploads only, as HtFLlib does (no reports: no global logits).
-    logits, has = aggregate(uploads["logits"], uploads["has"], reported)
+    logits, has = per_class.mean_over_reports(uploads["logits"], uploads["has"],
+                                              per_class.reported(uploads["has"], context))
     return {"logits": logits, "has": has}, {
         "classes_with_global_logits": has.sum().astype(jnp.float32)}

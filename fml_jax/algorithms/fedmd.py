@@ -33,7 +33,8 @@ has the earlier fml_jax behaviour as its other value:
   fedmd.final_layer_l2 = 1e-3 (official): Keras' `kernel_regularizer=l2(1e-3)` on the
       last Dense layer adds 1e-3 * sum(kernel**2) to the loss of every phase (public,
       private, digest, revisit). The last Dense layer is the highest-numbered
-      top-level `Dense_<k>` module of each party's parameters. 0 turns it off.
+      top-level `Dense_<k>` module of each party's parameters (`head` with
+      feature_dim; models.output_layer). 0 turns it off.
   batch sizes (official): public pre-training `fedmd.public_batch_size` = 128;
       private transfer the top-level `batch_size` (official 32; configs/fedmd.py sets
       it, and the pooled bound trains with it too, official 32); revisit
@@ -67,7 +68,6 @@ consensus plus the alignment indices (down).
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Callable
 
@@ -83,7 +83,7 @@ from fml_jax.algorithms.steps import loss_step, supervised_step
 from fml_jax.errors import ConfigError
 from fml_jax.evaluation import evaluate_rows
 from fml_jax.local_training import run_local_steps
-from fml_jax.models import apply_model, forward, init_variables
+from fml_jax.models import apply_model, forward, init_variables, output_layer
 from fml_jax.optimizers import TrainState
 from fml_jax.rounds.types import ClientResult
 
@@ -110,14 +110,6 @@ def early_stopping_mode(value) -> str:
   if isinstance(value, bool):
     return EARLY_STOPPING_BOOLEANS[value]
   return value
-
-
-def final_dense(params) -> str | None:
-  """The name of the last top-level Dense module in `params`: the highest-numbered
-  `Dense_<k>` (flax numbers compact submodules in call order; jax sorts dict keys as
-  text, so `Dense_10` < `Dense_2` there and the number is what counts)."""
-  dense = [k for k in params if re.fullmatch(r"Dense_\d+", k)]
-  return max(dense, key=lambda k: int(k.split("_")[1])) if dense else None
 
 
 def kernel_l2(name: str | None, weight: float) -> Callable | None:
@@ -285,7 +277,7 @@ class FedMD(ClientModelsAlgorithm):
     for group in self.groups:
       shapes = jax.eval_shape(lambda m=group.model: init_variables(
           m, jax.random.PRNGKey(0), input_shape))["params"]
-      name = final_dense(shapes)
+      name = output_layer(shapes)
       if name is None and not settings.is_static_zero(c.final_layer_l2):
         raise ConfigError("fedmd.final_layer_l2", f"model '{group.model_name}' has no "
                           "top-level Dense layer to penalize; set it to 0")

@@ -26,7 +26,7 @@ from fml_jax.algorithms.client_models import map_in_place, INIT_BATCH
 from fml_jax.algorithms.steps import loss_step
 from fml_jax.errors import ConfigError
 from fml_jax.local_training import run_local_steps
-from fml_jax.models import build_model, forward, init_params
+from fml_jax.models import build_model, forward, init_params, output_layer
 from fml_jax.optimizers import TrainState, make_optimizer
 from fml_jax.rounds.algorithm import Algorithm, client_models_key, global_model_key
 from fml_jax.rounds.types import ClientResult, PersonalizedModels
@@ -36,9 +36,13 @@ HEAD_FOLD = 1   # the head phase's batch order (the body's is the client's own k
 
 
 def head_layer(params) -> str:
-  """The output layer: the Dense layer created last (flax numbers them in call order)."""
-  dense = [name for name in params if name.startswith("Dense_")]
-  return max(dense, key=lambda name: int(name.split("_")[1]))
+  """The output layer (models.output_layer): `head` of a split model, else the
+  highest-numbered Dense layer."""
+  name = output_layer(params)
+  if name is None:
+    raise ValueError(f"no output layer among {sorted(params)}: FedRep needs a model whose "
+                     "output layer is a Dense_<k> module, or feature_dim > 0")
+  return name
 
 
 def split(params) -> tuple[dict, dict]:
@@ -73,7 +77,8 @@ class FedRep(Algorithm):
 
   def __init__(self, config, num_classes, input_shape):
     super().__init__(config, num_classes, input_shape)
-    self.model = build_model(config.model, num_classes, input_shape, "model")
+    self.model = build_model(config.model, num_classes, input_shape, "model",
+                             config.get("feature_dim", 0))
     self.optimizer = make_optimizer(config)
     self.server_optimizer = ServerOptimizer.from_config(config)
 

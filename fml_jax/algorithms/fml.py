@@ -91,7 +91,8 @@ class FML(ClientModelsAlgorithm):
 
   def __init__(self, config, num_classes, input_shape):
     super().__init__(config, num_classes, input_shape)
-    self.meme_model = build_model(config.model, num_classes, input_shape, "model")
+    self.meme_model = build_model(config.model, num_classes, input_shape, "model",
+                                  config.get("feature_dim", 0))
     self.schedules = balance_schedules(self.settings)
     self.server_optimizer = ServerOptimizer.from_config(config)
 

@@ -53,7 +53,12 @@ def get_config() -> ml_collections.ConfigDict:
   # Clients' private models (FML's local, local-only, FedMD's and FedH2L's parties):
   # comma-separated, assigned round-robin (num_clients entries: one per client);
   # "" = same as model. Each distinct (model, task) is an architecture group.
+  # A family name (models.MODEL_FAMILIES, e.g. htfe_cpu_img) assigns its members.
   c.local_models = ""
+  # HtFLlib's split models (models.HeadSplit): > 0 = every model's layers up to its
+  # output layer, pooled to this many features, then a Dense head; 0 = the models as
+  # their papers define them. Prototype and head algorithms need it (HtFLlib: 512).
+  c.feature_dim = 0
   c.catfish_clients = ""          # FML: e.g. "0": these clients' local model is catfish_model
   c.catfish_model = "cnn"
   c.client_tasks = ""             # FML/local: tasks, assigned like local_models; "" = all full.
