@@ -17,8 +17,10 @@ from fml_jax.algorithms.feddistill import FedDistill
 from fml_jax.algorithms.fedh2l import FedH2L
 from fml_jax.algorithms.fedmd import FedMD
 from fml_jax.algorithms.fedmr import FedMR
+from fml_jax.algorithms.fedproto import FedProto
 from fml_jax.algorithms.fedrep import FedRep
 from fml_jax.algorithms.fml import FML
+from fml_jax.algorithms.lgfedavg import LGFedAvg
 from fml_jax.algorithms.local import LocalOnly
 from fml_jax.algorithms.scaffold import Scaffold
 from fml_jax.errors import ConfigError
@@ -40,7 +42,7 @@ def register(cls: type) -> type:
 # The package's own algorithms: their sections make up fml_jax/configs/default.py. One
 # registered later (module:Class) brings its section into the configs that run it only.
 BUILTIN = (FML, FedAvg, FedProx, LocalOnly, FedMR, FedMD, FedH2L, Scaffold, Ditto, FedRep,
-           FedDistill)
+           FedDistill, LGFedAvg, FedProto)
 for _cls in BUILTIN:
   register(_cls)
 

@@ -1,0 +1,332 @@
+"""HtFLlib's split models (feature_dim), model families, LG-FedAvg and FedProto against
+plain re-statements: pooling, the losses, a client's whole local training, the
+server steps, nearest-prototype prediction and the bytes per round (the registry
+tests run both algorithms through every executor, store and device count)."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fml_jax import config_checks, local_training, models
+from fml_jax.algorithms import per_class
+from fml_jax.algorithms.fedproto import NO_PROTOTYPE, prototype_loss, prototype_scores
+from fml_jax.errors import ConfigError
+from fml_jax.evaluation import evaluate_personalized
+from fml_jax.rounds.types import RoundContext
+
+from conftest import client_row, make_runner, small_config
+
+PLAIN_SGD = dict(momentum=0.0, weight_decay=0.0, learning_rate=0.05, local_epochs=2)
+
+
+# --- split models and families -------------------------------------------------------
+
+
+def numpy_adaptive_avg_pool(x, out):
+  """PyTorch's AdaptiveAvgPool1d over the last axis, from its definition."""
+  width = x.shape[-1]
+  cols = []
+  for i in range(out):
+    start, end = (i * width) // out, -(-(i + 1) * width // out)
+    cols.append(x[..., start:end].mean(axis=-1))
+  return np.stack(cols, axis=-1)
+
+
+@pytest.mark.parametrize("width,out", [(200, 512), (1024, 512), (100, 16), (7, 3), (16, 16),
+                                       (84, 512)])
+def test_pooling_to_feature_dim_is_adaptive_avg_pool(width, out):
+  x = np.random.default_rng(0).normal(size=(3, width)).astype(np.float32)
+  got = x @ np.asarray(models.adaptive_avg_pool_matrix(width, out))
+  np.testing.assert_allclose(got, numpy_adaptive_avg_pool(x, out), rtol=1e-5, atol=1e-6)
+
+
+def test_pooling_matches_pytorch_when_installed():
+  torch = pytest.importorskip("torch", reason="PyTorch is optional (benchmarks, references)")
+  x = np.random.default_rng(1).normal(size=(4, 200)).astype(np.float32)
+  want = torch.nn.AdaptiveAvgPool1d(512)(torch.tensor(x)).numpy()
+  np.testing.assert_allclose(x @ np.asarray(models.adaptive_avg_pool_matrix(200, 512)), want,
+                             rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,shape", [("mlp", (60,)), ("logreg", (60,)),
+                                        ("cnn_htfl", (28, 28, 1)), ("lenet5", (32, 32, 3)),
+                                        ("resnet20_small", (28, 28, 1))])
+def test_split_model_is_the_models_body_pooled_then_a_dense_head(name, shape):
+  fd = 12
+  split = models.build_model(name, 10, shape, feature_dim=fd)
+  variables = models.init_variables(split, jax.random.PRNGKey(0), shape)
+  params, state = variables["params"], {k: v for k, v in variables.items() if k != "params"}
+  # logreg's body is the flattened input: it has no parameters.
+  assert set(params) == ({"head"} if name == "logreg" else {"base", "head"})
+  assert params["head"]["kernel"].shape == (fd, 10)
+  x = jax.random.normal(jax.random.PRNGKey(1), (5, *shape))
+  body = models.MODELS[name][0](10).clone(head=False)
+  body_state = {k: v["base"] for k, v in state.items()}
+  z = body.apply({"params": params.get("base", {}), **body_state}, x, train=False)
+  rep = z @ np.asarray(models.adaptive_avg_pool_matrix(z.shape[-1], fd))
+  got_rep, logits, _ = models.features(split, params, state, x, False, jax.random.PRNGKey(2))
+  np.testing.assert_allclose(got_rep, rep, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(logits, rep @ params["head"]["kernel"] + params["head"]["bias"],
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(models.apply_model(split, params, x, state), logits, rtol=1e-6,
+                             atol=1e-6)
+
+
+def test_htfllibs_cnn_is_the_valid_padding_fedavg_cnn():
+  for shape, flat in (((28, 28, 1), 1024), ((32, 32, 3), 1600)):
+    params = jax.eval_shape(lambda: models.init_params(models.build_model("cnn_htfl", 10, shape),
+                                                       jax.random.PRNGKey(0), shape))
+    assert params["Dense_0"]["kernel"].shape == (flat, 512)   # HtFLlib's FedAvgCNN(dim=...)
+
+
+def test_a_family_assigns_its_members_round_robin_and_unknown_names_list_families():
+  from fml_jax.algorithms.client_models import local_model_names
+  config = small_config(algorithm="local", local_models="htfe_cpu_vec")
+  family = models.MODEL_FAMILIES["htfe_cpu_vec"]
+  assert local_model_names(config, 6) == [family[i % len(family)] for i in range(6)]
+  with pytest.raises(ConfigError, match="local_models.*htfe_cpu_img"):
+    config_checks.validate(small_config(algorithm="local", local_models="htfe_nope"))
+  with pytest.raises(ConfigError, match="feature_dim"):
+    config_checks.validate(small_config(feature_dim=-1))
+
+
+@pytest.mark.parametrize("algorithm", ["lgfedavg", "fedproto"])
+def test_head_and_prototype_algorithms_need_feature_dim_and_the_datasets_classes(algorithm):
+  with pytest.raises(ConfigError, match="feature_dim.*512"):
+    config_checks.validate(small_config(algorithm=algorithm))
+  with pytest.raises(ConfigError, match="client_tasks"):
+    config_checks.validate(small_config(algorithm=algorithm, feature_dim=8,
+                                        client_tasks="parity"))
+
+
+# --- LG-FedAvg -----------------------------------------------------------------------
+
+
+def plain_sgd_ce(model, params, client, data, config):
+  """A client's local epochs of plain SGD on cross-entropy, restated."""
+  def step(p, xb, yb, mask, key):
+    def loss(p):
+      logits = models.forward(model, p, {}, xb, True, key)[0]
+      logp = jax.nn.log_softmax(logits)
+      return -jnp.sum(jnp.take_along_axis(logp, yb[:, None], 1)[:, 0] * mask) / jnp.maximum(
+          mask.sum(), 1)
+    return jax.tree.map(lambda w, g: w - config.learning_rate * g, p, jax.grad(loss)(p)), {}
+  params, _ = local_training.run_local_steps(
+      step, params, data, client.train_idx, client.train_n, client.key, config.local_epochs,
+      config.batch_size, min_examples=data.min_train)
+  return params
+
+
+@pytest.mark.parametrize("has_head", [True, False])
+def test_lgfedavg_client_trains_its_body_under_the_global_head(has_head):
+  config = small_config(algorithm="lgfedavg", local_models="mlp_small", feature_dim=8,
+                        **PLAIN_SGD)
+  runner = make_runner(config, "vmap")
+  algorithm, data = runner.algorithm, runner.data
+  state = runner.init(0)
+  head = jax.tree.map(lambda x: jax.random.normal(jax.random.PRNGKey(4), x.shape),
+                      state.server["head"])
+  server = {"head": head, "has_head": jnp.asarray(has_head)}
+  (cohort,), _ = runner.begin_round(state)
+  client, own = client_row(cohort.clients, 2), client_row(cohort.client_state, 2)
+  result = algorithm.client_update(server, own, client, data, 0)
+  start = {**own.params, "head": head} if has_head else own.params
+  want = plain_sgd_ce(algorithm.groups[0].model, start, client, data, config)
+  chex.assert_trees_all_close(result.client_state.params, want, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(result.upload, want["head"])
+
+
+def test_lgfedavg_server_averages_heads_by_weight_and_clients_predict_with_it():
+  config = small_config(algorithm="lgfedavg", feature_dim=8)
+  runner = make_runner(config, "vmap")
+  algorithm = runner.algorithm
+  state = runner.init(0)
+  k = 3
+  rng = np.random.default_rng(0)
+  uploads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=(k, *x.shape)), jnp.float32),
+                         state.server["head"])
+  weights = jnp.asarray([0.5, 0.2, 0.3])
+  context = RoundContext(round=jnp.int32(0), clients=None, weights=weights,
+                         key=jax.random.PRNGKey(0))
+  server, _ = algorithm.server_update(state.server, uploads, context)
+  for leaf, up in zip(jax.tree.leaves(server["head"]), jax.tree.leaves(uploads)):
+    np.testing.assert_allclose(leaf, np.einsum("k,k...->...", np.asarray(weights), up),
+                               rtol=1e-6, atol=1e-7)
+  assert bool(server["has_head"])
+  for group in algorithm.personalized_models(server, state.population):
+    for leaf, head in zip(jax.tree.leaves(group.params["head"]),
+                          jax.tree.leaves(server["head"])):
+      np.testing.assert_array_equal(leaf, np.broadcast_to(head, leaf.shape))
+  # Before any aggregation clients keep their own heads.
+  for group, own in zip(algorithm.personalized_models(state.server, state.population),
+                        state.population):
+    chex.assert_trees_all_equal(group.params, own.params)
+
+
+def test_lgfedavg_sends_the_head_each_way():
+  runner = make_runner(small_config(algorithm="lgfedavg", feature_dim=8), "vmap")
+  c = runner.algorithm.num_classes
+  head = (8 * c + c) * 4
+  assert runner.communication(runner.abstract_state(0)) == {"bytes_up": 4 * head,
+                                                             "bytes_down": 4 * head}
+
+
+# --- FedProto ------------------------------------------------------------------------
+
+
+def numpy_prototype_loss(logits, rep, labels, mask, prototypes, has, weight):
+  """HtFLlib's clientproto.py restated: CE + lambda * MSELoss(proto_new, rep), where a
+  row of proto_new is the global prototype of its class, or the row itself."""
+  z = logits - logits.max(axis=1, keepdims=True)
+  logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+  valid = [i for i in range(len(labels)) if mask[i]]
+  ce = -sum(logp[i, labels[i]] for i in valid) / len(valid)
+  target = np.array([prototypes[labels[i]] if has[labels[i]] else rep[i] for i in valid])
+  mse = np.mean((target - rep[valid]) ** 2)
+  return ce + weight * mse, ce, mse
+
+
+@pytest.mark.parametrize("any_prototype", [True, False])
+def test_prototype_loss_equals_htfllibs_restated(any_prototype):
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(6, 4)).astype(np.float32)
+  rep = rng.normal(size=(6, 5)).astype(np.float32)
+  labels = np.array([0, 1, 2, 3, 1, 0])
+  mask = np.array([1, 1, 1, 1, 1, 0], np.float32)
+  prototypes = rng.normal(size=(4, 5)).astype(np.float32)
+  has = np.array([True, False, True, True]) & any_prototype
+  got = prototype_loss(*map(jnp.asarray, (logits, rep, labels, mask, prototypes, has)), 10.0)
+  want = numpy_prototype_loss(logits, rep, labels, mask, prototypes, has, 10.0)
+  np.testing.assert_allclose(np.array(got, dtype=np.float64), want, rtol=1e-5, atol=1e-6)
+  # The term pulls each row toward its class prototype; rows without one are untouched.
+  rep_grad = jax.grad(lambda r: prototype_loss(jnp.asarray(logits), r, jnp.asarray(labels),
+                                               jnp.asarray(mask), jnp.asarray(prototypes),
+                                               jnp.asarray(has), 10.0)[2])(jnp.asarray(rep))
+  want_grad = np.zeros_like(rep)
+  for i in np.flatnonzero(mask):
+    if has[labels[i]]:
+      want_grad[i] = 2 * (rep[i] - prototypes[labels[i]]) / (mask.sum() * rep.shape[1])
+  np.testing.assert_allclose(rep_grad, want_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_nearest_prototype_scores():
+  rep = jnp.asarray([[0.0, 0.0], [2.0, 2.0], [0.9, 1.1]])
+  prototypes = jnp.asarray([[0.0, 0.1], [1.0, 1.0], [2.0, 2.0]])
+  has = jnp.asarray([True, True, False])
+  scores = prototype_scores(rep, prototypes, has)
+  assert scores.shape == (3, 4)
+  # Class 2 has no prototype: the point on it goes to the nearest one that exists.
+  np.testing.assert_array_equal(jnp.argmax(scores, -1), [0, 1, 1])
+  np.testing.assert_allclose(scores[0, :2], [-0.005, -1.0], rtol=1e-6)
+  assert scores[0, 2] == NO_PROTOTYPE
+  # With no prototype at all the extra column (no class) wins: every prediction wrong.
+  none = prototype_scores(rep, prototypes, jnp.zeros(3, bool))
+  np.testing.assert_array_equal(jnp.argmax(none, -1), [3, 3, 3])
+
+
+def test_fedproto_client_update_equals_plain_sgd_and_uploads_its_training_prototypes():
+  config = small_config(algorithm="fedproto", local_models="mlp_small", feature_dim=8,
+                        fedproto__weight=3.0, **PLAIN_SGD)
+  runner = make_runner(config, "vmap")
+  algorithm, data = runner.algorithm, runner.data
+  state = runner.init(0)
+  c, fd = algorithm.num_classes, 8
+  server = {"prototypes": jax.random.normal(jax.random.PRNGKey(3), (c, fd)),
+            "has": jnp.arange(c) % 2 == 0}
+  (cohort,), _ = runner.begin_round(state)
+  client, own = client_row(cohort.clients, 1), client_row(cohort.client_state, 1)
+  result = algorithm.client_update(server, own, client, data, 0)
+  model = algorithm.groups[0].model
+
+  def step(carry, xb, yb, mask, key):
+    params, sums, counts = carry
+    def loss(p):
+      rep, logits, _ = models.features(model, p, {}, xb, True, key)
+      return numpy_free_loss(logits, rep, yb, mask, server, 3.0), rep
+    grads, rep = jax.grad(loss, has_aux=True)(params)
+    onehot = jax.nn.one_hot(yb, c) * mask[:, None]
+    return (jax.tree.map(lambda p, g: p - config.learning_rate * g, params, grads),
+            sums + onehot.T @ rep, counts + onehot.sum(0)), {}
+
+  (params, sums, counts), _ = local_training.run_local_steps(
+      step, (own.params, jnp.zeros((c, fd)), jnp.zeros(c)), data, client.train_idx,
+      client.train_n, client.key, config.local_epochs, config.batch_size,
+      min_examples=data.min_train)
+  chex.assert_trees_all_close(result.client_state.params, params, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(result.upload["has"], counts > 0)
+  np.testing.assert_allclose(result.upload["prototypes"], sums / np.maximum(counts, 1)[:, None],
+                             rtol=1e-5, atol=1e-5)
+  held = set(np.asarray(data.y_train)[np.asarray(client.train_idx)[:int(client.train_n)]].tolist())
+  assert set(np.flatnonzero(result.upload["has"]).tolist()) == held
+
+
+def numpy_free_loss(logits, rep, labels, mask, server, weight):
+  """The same loss written without fml_jax's helpers (differentiable restatement)."""
+  logp = jax.nn.log_softmax(logits)
+  n = jnp.maximum(mask.sum(), 1)
+  ce = -jnp.sum(jnp.take_along_axis(logp, labels[:, None], 1)[:, 0] * mask) / n
+  target = jnp.where(server["has"][labels][:, None], server["prototypes"][labels],
+                     jax.lax.stop_gradient(rep))
+  mse = jnp.sum(jnp.square(target - rep) * mask[:, None]) / (n * rep.shape[1])
+  return ce + weight * mse
+
+
+def test_fedproto_server_means_this_rounds_reports_per_class():
+  config = small_config(algorithm="fedproto", feature_dim=4)
+  runner = make_runner(config, "vmap")
+  algorithm = runner.algorithm
+  rng = np.random.default_rng(0)
+  k, c = 4, algorithm.num_classes
+  uploads = {"prototypes": jnp.asarray(rng.normal(size=(k, c, 4)), jnp.float32),
+             "has": jnp.asarray(rng.random((k, c)) < 0.6)}
+  reports = jnp.asarray([True, False, True, True])
+  context = RoundContext(round=jnp.int32(0), clients=None, weights=jnp.ones(k) / k,
+                         key=jax.random.PRNGKey(0), reports=reports)
+  old = {"prototypes": jnp.ones((c, 4)), "has": jnp.ones(c, bool)}
+  server, metrics = algorithm.server_update(old, uploads, context)
+  for cls in range(c):
+    senders = [j for j in range(k) if reports[j] and uploads["has"][j, cls]]
+    assert bool(server["has"][cls]) == bool(senders)
+    if senders:
+      np.testing.assert_allclose(server["prototypes"][cls],
+                                 np.mean([uploads["prototypes"][j, cls] for j in senders], 0),
+                                 rtol=1e-6)
+  assert metrics["classes_with_prototypes"] == sum(map(bool, server["has"]))
+
+
+def test_fedproto_predicts_the_nearest_global_prototype():
+  config = small_config(algorithm="fedproto", local_models="mlp_small,logreg", feature_dim=8)
+  runner = make_runner(config, "vmap")
+  algorithm, data = runner.algorithm, runner.data
+  state = runner.init(0)
+  c = algorithm.num_classes
+  server = {"prototypes": jax.random.normal(jax.random.PRNGKey(5), (c, 8)),
+            "has": jnp.arange(c) != 1}
+  groups = algorithm.personalized_models(server, state.population)
+  test_rows = np.asarray(data.test_rows())
+  for g, (evaluated, own) in enumerate(zip(groups, state.population)):
+    acc, _ = evaluate_personalized(evaluated, data)
+    model = algorithm.groups[g].model
+    for j, client in enumerate(evaluated.client_ids):
+      rows = test_rows[client][:int(data.test_n[client])]
+      x = data.normalize(data.x_test[rows])
+      rep = models.features(model, client_row(own.params, j), {}, x, False,
+                            jax.random.PRNGKey(0))[0]
+      d = ((np.asarray(rep)[:, None] - np.asarray(server["prototypes"])[None]) ** 2).mean(-1)
+      d[:, 1] = np.inf
+      want = np.mean(d.argmin(1) == np.asarray(data.y_test)[rows])
+      np.testing.assert_allclose(acc[j], want, rtol=1e-6)
+  # Before any prototype exists every prediction is wrong.
+  acc, _ = evaluate_personalized(algorithm.personalized_models(state.server, state.population)[0],
+                                 data)
+  np.testing.assert_array_equal(acc, 0.0)
+
+
+def test_fedproto_sends_class_prototypes_each_way():
+  runner = make_runner(small_config(algorithm="fedproto", feature_dim=8), "vmap")
+  c = runner.algorithm.num_classes
+  per_client = c * 8 * 4 + c   # (C, fd) float32 prototypes and (C,) bool "has one"
+  assert runner.communication(runner.abstract_state(0)) == {"bytes_up": 4 * per_client,
+                                                             "bytes_down": 4 * per_client}
