@@ -356,3 +356,53 @@ def test_errors_are_not_cached(tmp_path):
   after = tfds_source.load_image_dataset.cache_info()
   assert after.currsize == before.currsize
   assert after.misses == before.misses + 2 and after.hits == before.hits
+
+
+# ------------------------------------------------------------ decoded-dataset cache
+
+
+@requires_mnist
+def test_decoded_dataset_is_kept_on_disk_and_read_back(tmp_path, monkeypatch):
+  # Decoding is replaced by a small fake that counts its calls (the real one takes
+  # 14 s for MNIST); what the cache stores and returns is the decoder's output.
+  calls = []
+
+  def fake_decode(source, label_key="label"):
+    calls.append(len(source))
+    rng = np.random.default_rng(len(calls))
+    return rng.integers(0, 255, (5, 28, 28, 1), np.uint8), rng.integers(0, 10, 5).astype(np.int32)
+
+  monkeypatch.setattr(tfds_source, "_decode_split", fake_decode)
+  monkeypatch.setenv("FML_JAX_DATA_CACHE", str(tmp_path / "cache"))
+  load = tfds_source.load_image_dataset.__wrapped__   # past the per-process lru_cache
+  first = load("mnist", SHARED_TFDS)
+  assert len(calls) == 2 and len(list((tmp_path / "cache").glob("mnist-*.npz"))) == 1
+  second = load("mnist", SHARED_TFDS)
+  assert len(calls) == 2   # read back, not decoded
+  for field in ("x_train", "y_train", "x_test", "y_test"):
+    np.testing.assert_array_equal(getattr(second, field), getattr(first, field))
+    assert getattr(second, field).dtype == getattr(first, field).dtype
+  assert second.num_classes == first.num_classes == 10
+  # A damaged entry is decoded again and replaced; nothing half-written is left.
+  [entry] = (tmp_path / "cache").glob("mnist-*.npz")
+  entry.write_bytes(b"not an npz")
+  load("mnist", SHARED_TFDS)
+  assert len(calls) == 4 and load("mnist", SHARED_TFDS) is not None and len(calls) == 4
+  assert not list((tmp_path / "cache").glob("*.tmp"))
+  # FML_JAX_DATA_CACHE=off: decoded every time, nothing written.
+  monkeypatch.setenv("FML_JAX_DATA_CACHE", "off")
+  load("mnist", SHARED_TFDS)
+  load("mnist", SHARED_TFDS)
+  assert len(calls) == 8
+
+
+def test_decoded_cache_key_follows_the_prepared_files(tmp_path, monkeypatch):
+  monkeypatch.setenv("FML_JAX_DATA_CACHE", str(tmp_path / "cache"))
+  folder = tmp_path / "mnist" / "3.0.1"
+  folder.mkdir(parents=True)
+  (folder / "mnist-train.array_record-00000-of-00001").write_bytes(b"x" * 10)
+  key = tfds_source._cache_file("mnist", tmp_path / "mnist")
+  assert key.parent == tmp_path / "cache" and key.name.startswith("mnist-")
+  assert tfds_source._cache_file("mnist", tmp_path / "mnist") == key
+  (folder / "mnist-train.array_record-00000-of-00001").write_bytes(b"x" * 11)   # re-prepared
+  assert tfds_source._cache_file("mnist", tmp_path / "mnist") != key
