@@ -74,6 +74,21 @@ def test_split_model_is_the_models_body_pooled_then_a_dense_head(name, shape):
                              atol=1e-6)
 
 
+def test_every_zoo_model_class_splits_into_body_and_head():
+  seen = set()
+  for name, (make, needs_image) in models.MODELS.items():
+    if type(make(10)) in seen:   # one model per class (the FedMD parties share one)
+      continue
+    seen.add(type(make(10)))
+    shape = (32, 32, 3) if needs_image else (60,)
+    split = models.build_model(name, 10, shape, feature_dim=16)
+    rep, logits = jax.eval_shape(lambda: split.apply(
+        models.init_variables(split, jax.random.PRNGKey(0), shape), jnp.zeros((2, *shape)),
+        method=lambda m, x: (m.features(x), m(x))))
+    assert rep.shape == (2, 16) and logits.shape == (2, 10), name
+  assert len(seen) >= 10
+
+
 def test_htfllibs_cnn_is_the_valid_padding_fedavg_cnn():
   for shape, flat in (((28, 28, 1), 1024), ((32, 32, 3), 1600)):
     params = jax.eval_shape(lambda: models.init_params(models.build_model("cnn_htfl", 10, shape),
