@@ -17,6 +17,9 @@ Experiments (`python experiments/run.py --list` prints them with their runs):
                 global test distribution and bytes communicated
   official      the authors' regimes (configs/fml_official.py, fedmr_official.py), cut
                 to a CPU's size: FML vs FedAvg on MNIST and CIFAR-10, FedMR vs FedAvg
+  htfl          HtFLlib's benchmark protocol at a CPU's size: every heterogeneous-model
+                algorithm (FedDistill, LG-FedAvg, FedProto, FML, FedMD, FedH2L, local-only)
+                on one model family, MNIST and CIFAR-10
 
 Every run is a normal `fml_jax.train.run` in OUT/EXPERIMENT/RUN (a finished run is
 reused, so an interrupted experiment continues where it stopped). Afterwards
@@ -176,8 +179,37 @@ def _official():
   return runs
 
 
+def _htfl():
+  """HtFLlib's protocol (ALGORITHMS.md, "Shared HtFLlib mechanics"; total.sh): 20
+  clients, all of them every round, Dirichlet 0.1, batch 10, plain SGD 0.01, one local
+  epoch, split models with feature_dim 512, a model family round-robin. The CPU cuts:
+  each client capped at 500 training examples, 30 rounds (HtFLlib: up to 2000), the MLP
+  family `htfe_cpu_vec` (HtFLlib: HtFE-img-8's CNN and ResNets; `htfe_cpu_img` here on an
+  accelerator); our test splits come from the test set under the same partition, where
+  HtFLlib cuts 75/25 from each client's data. 500 training examples are held out as the
+  public / seed set of FedMD and FedH2L in every run, so all runs train on the same data
+  and pair by seed. FML's meme is the family's `mlp`. The full family on an accelerator:
+  `--config.local_models=htfe_cpu_img` and no `client_max_examples`."""
+  base = dict(partition="dirichlet", dirichlet_alpha=0.1, num_clients=20, clients_per_round=20,
+              client_max_examples=500, batch_size=10, optimizer="sgd", learning_rate=0.01,
+              momentum=0.0, weight_decay=0.0, local_epochs=1, num_rounds=30, eval_every=10,
+              checkpoint_every=0, feature_dim=512, model="mlp", local_models="htfe_cpu_vec",
+              public_size=500, eval_clients_on_global_test=True)
+  algorithms_settings = {
+      "feddistill": {}, "lgfedavg": {}, "fedproto": {}, "fml": {},
+      "fedmd": dict(fedmd__public_epochs=1, fedmd__private_epochs=1, fedmd__alignment_size=500,
+                    fedmd__report_bounds=False),
+      "fedh2l": {}, "local": {}}
+  runs = {}
+  for dataset in ("mnist", "cifar10"):
+    for algorithm, extra in algorithms_settings.items():
+      runs[f"{dataset}-{algorithm}"] = dict(base, dataset=dataset, algorithm=algorithm, **extra)
+  return runs
+
+
 EXPERIMENTS = {"baselines": _baselines, "dom": _dom, "fedmd": _fedmd, "fedmr": _fedmr,
-               "distillation": _distillation, "federations": _federations, "official": _official}
+               "distillation": _distillation, "federations": _federations, "official": _official,
+               "htfl": _htfl}
 
 # --quick: the same runs, shrunk to seconds each (MNIST only).
 QUICK = dict(num_clients=4, clients_per_round=4, num_rounds=2, eval_every=1, local_epochs=1,
@@ -193,7 +225,8 @@ QUICK_RUNS = {"baselines": ("mnist-dir0.1-fml",),
               "fedmr": ("dir0.5-fedmr",),
               "distillation": ("fedh2l",),
               "federations": ("dropout0.3-scaffold",),
-              "official": ("fml-mnist-fml",)}
+              "official": ("fml-mnist-fml",),
+              "htfl": ("mnist-fedproto",)}
 
 
 def quick(overrides: dict) -> dict:
