@@ -413,8 +413,9 @@ MIN_IMAGE_SIDE = {"fml_cnn": 18, "cnn_htfl": 16, "cnn_cifar": 16, "cnn_mnist": 1
 MODEL_FAMILIES = {
     # image data: HtFLlib's FedAvgCNN, LeNet-5, two MLP widths, FedMR's small ResNet
     "htfe_cpu_img": ("cnn_htfl", "lenet5", "mlp_small", "mlp", "resnet20_small"),
-    # vector (or image) data: MLPs of three widths and logistic regression
-    "htfe_cpu_vec": ("mlp_small", "mlp", "mlp_wide", "logreg"),
+    # vector (or image) data: MLPs of three widths. Not logreg: its body is the input
+    # itself, which prototype and feature methods cannot shape.
+    "htfe_cpu_vec": ("mlp_small", "mlp", "mlp_wide"),
 }
 
 

@@ -61,7 +61,13 @@ def make_runner(config, strategy, placement="device"):
   from fml_jax.algorithms import build_algorithm   # pylint: disable=g-import-not-at-top
   from fml_jax.data import load_federated_data   # pylint: disable=g-import-not-at-top
   from fml_jax.rounds import Runner   # pylint: disable=g-import-not-at-top
-  key = (str(config), strategy, placement)
+  # A runner does not depend on the seed (runner.init(seed) takes it) unless the data
+  # does (data_seed -1 follows the seed): runs that differ only in seed share one.
+  keyed = config
+  if config.get("data_seed", -1) != -1:
+    keyed = config.copy_and_resolve_references()
+    keyed.seed = 0
+  key = (str(keyed), strategy, placement)
   if key not in _RUNNERS:
     data = load_federated_data(config)
     algorithm = build_algorithm(config, data.num_classes, data.input_shape)
