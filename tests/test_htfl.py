@@ -107,7 +107,7 @@ def test_a_family_assigns_its_members_round_robin_and_unknown_names_list_familie
     config_checks.validate(small_config(feature_dim=-1))
 
 
-@pytest.mark.parametrize("algorithm", ["lgfedavg", "fedproto"])
+@pytest.mark.parametrize("algorithm", ["lgfedavg", "fedproto", "fedgh"])
 def test_head_and_prototype_algorithms_need_feature_dim_and_the_datasets_classes(algorithm):
   with pytest.raises(ConfigError, match="feature_dim.*512"):
     config_checks.validate(small_config(algorithm=algorithm))
@@ -134,15 +134,22 @@ def plain_sgd_ce(model, params, client, data, config):
   return params
 
 
-@pytest.mark.parametrize("has_head", [True, False])
-def test_lgfedavg_client_trains_its_body_under_the_global_head(has_head):
-  config = small_config(algorithm="lgfedavg", local_models="mlp_small", feature_dim=8,
+def plain_sgd_runner_and_a_random_head(algorithm):
+  """(config, runner, initial state, a random head shaped like the server's) of one
+  mlp_small group at feature_dim 8 with plain SGD."""
+  config = small_config(algorithm=algorithm, local_models="mlp_small", feature_dim=8,
                         **PLAIN_SGD)
   runner = make_runner(config, "vmap")
-  algorithm, data = runner.algorithm, runner.data
   state = runner.init(0)
   head = jax.tree.map(lambda x: jax.random.normal(jax.random.PRNGKey(4), x.shape),
                       state.server["head"])
+  return config, runner, state, head
+
+
+@pytest.mark.parametrize("has_head", [True, False])
+def test_lgfedavg_client_trains_its_body_under_the_global_head(has_head):
+  config, runner, state, head = plain_sgd_runner_and_a_random_head("lgfedavg")
+  algorithm, data = runner.algorithm, runner.data
   server = {"head": head, "has_head": jnp.asarray(has_head)}
   (cohort,), _ = runner.begin_round(state)
   client, own = client_row(cohort.clients, 2), client_row(cohort.client_state, 2)
@@ -345,6 +352,80 @@ def test_fedproto_sends_class_prototypes_each_way():
   per_client = c * 8 * 4 + c   # (C, fd) float32 prototypes and (C,) bool "has one"
   assert runner.communication(runner.abstract_state(0)) == {"bytes_up": 4 * per_client,
                                                              "bytes_down": 4 * per_client}
+
+
+# --- FedGH --------------------------------------------------------------------------
+
+
+def numpy_train_head(head, prototypes, has, key, epochs, batch_size, lr):
+  """HtFLlib's servergh.train_head restated: SGD on CE over the valid (prototype,
+  class) pairs in batches, each pass in the order the same random scores give."""
+  w, b = np.asarray(head["kernel"], np.float64), np.asarray(head["bias"], np.float64)
+  k, c, fd = prototypes.shape
+  reps, labels = prototypes.reshape(k * c, fd), np.tile(np.arange(c), k)
+  valid = has.reshape(-1)
+  for epoch_key in jax.random.split(key, epochs):
+    scores = np.asarray(jax.random.uniform(epoch_key, (k * c,)))
+    order = [i for i in np.argsort(np.where(valid, scores, 2.0), kind="stable") if valid[i]]
+    for start in range(0, len(order), batch_size):
+      rows = order[start:start + batch_size]
+      z = reps[rows] @ w + b
+      p = np.exp(z - z.max(1, keepdims=True))
+      p /= p.sum(1, keepdims=True)
+      p[np.arange(len(rows)), labels[rows]] -= 1
+      w = w - lr * reps[rows].T @ p / len(rows)
+      b = b - lr * p.sum(0) / len(rows)
+  return w, b
+
+
+@pytest.mark.parametrize("batch_size,epochs", [(3, 2), (100, 1)])
+def test_fedgh_server_trains_the_head_as_htfllib(batch_size, epochs):
+  from fml_jax.algorithms.fedgh import train_head
+  rng = np.random.default_rng(0)
+  k, c, fd = 3, 4, 5
+  prototypes = rng.normal(size=(k, c, fd)).astype(np.float32)
+  has = rng.random((k, c)) < 0.7
+  head = {"kernel": jnp.asarray(rng.normal(size=(fd, c)), jnp.float32),
+          "bias": jnp.asarray(rng.normal(size=c), jnp.float32)}
+  key = jax.random.PRNGKey(7)
+  got = train_head(head, jnp.asarray(prototypes), jnp.asarray(has), key, epochs, batch_size, 0.3)
+  w, b = numpy_train_head(head, prototypes, has, key, epochs, batch_size, 0.3)
+  np.testing.assert_allclose(got["kernel"], w, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got["bias"], b, rtol=1e-5, atol=1e-5)
+
+
+def test_fedgh_client_trains_under_the_global_head_and_uploads_inference_prototypes():
+  config, runner, state, head = plain_sgd_runner_and_a_random_head("fedgh")
+  algorithm, data = runner.algorithm, runner.data
+  (cohort,), _ = runner.begin_round(state)
+  client, own = client_row(cohort.clients, 2), client_row(cohort.client_state, 2)
+  result = algorithm.client_update({"head": head}, own, client, data, 0)
+  model = algorithm.groups[0].model
+  want = plain_sgd_ce(model, {**own.params, "head": head}, client, data, config)
+  chex.assert_trees_all_close(result.client_state.params, want, rtol=1e-5, atol=1e-6)
+  # Prototypes: the trained model's inference-mode representation, averaged per class
+  # over every training example of the client.
+  rows = np.asarray(client.train_idx)[:int(client.train_n)]
+  rep = np.asarray(models.features(model, want, {}, data.normalize(data.x_train[rows]), False,
+                                   jax.random.PRNGKey(0))[0])
+  labels = np.asarray(data.y_train)[rows]
+  for cls in range(algorithm.num_classes):
+    assert bool(result.upload["has"][cls]) == (cls in labels)
+    if cls in labels:
+      np.testing.assert_allclose(result.upload["prototypes"][cls], rep[labels == cls].mean(0),
+                                 rtol=1e-4, atol=1e-5)
+
+
+def test_fedgh_starts_from_client_zeros_head_and_sends_prototypes_up_and_the_head_down():
+  runner = make_runner(small_config(algorithm="fedgh", feature_dim=8), "vmap")
+  state = runner.init(0)
+  chex.assert_trees_all_equal(state.server["head"],
+                              client_row(state.population[0].params["head"], 0))
+  c = runner.algorithm.num_classes
+  up = c * 8 * 4 + c        # (C, fd) float32 prototypes and (C,) flags
+  down = (8 * c + c) * 4    # the head
+  assert runner.communication(runner.abstract_state(0)) == {"bytes_up": 4 * up,
+                                                             "bytes_down": 4 * down}
 
 
 # --- learning on MNIST at CI size ------------------------------------------------------

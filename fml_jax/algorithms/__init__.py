@@ -14,6 +14,7 @@ import importlib
 from fml_jax.algorithms.ditto import Ditto
 from fml_jax.algorithms.fedavg import FedAvg, FedProx
 from fml_jax.algorithms.feddistill import FedDistill
+from fml_jax.algorithms.fedgh import FedGH
 from fml_jax.algorithms.fedh2l import FedH2L
 from fml_jax.algorithms.fedmd import FedMD
 from fml_jax.algorithms.fedmr import FedMR
@@ -42,7 +43,7 @@ def register(cls: type) -> type:
 # The package's own algorithms: their sections make up fml_jax/configs/default.py. One
 # registered later (module:Class) brings its section into the configs that run it only.
 BUILTIN = (FML, FedAvg, FedProx, LocalOnly, FedMR, FedMD, FedH2L, Scaffold, Ditto, FedRep,
-           FedDistill, LGFedAvg, FedProto)
+           FedDistill, LGFedAvg, FedProto, FedGH)
 for _cls in BUILTIN:
   register(_cls)
 
