@@ -432,17 +432,19 @@ def test_fedgh_starts_from_client_zeros_head_and_sends_prototypes_up_and_the_hea
 
 
 @requires_mnist
-def test_lgfedavg_and_fedproto_learn_on_mnist(tmp_path):
+def test_lgfedavg_fedproto_and_fedgh_learn_on_mnist(tmp_path):
   """HtFLlib's client setting at CI size (Dirichlet 0.1, plain SGD 0.01, batch 10, one
   epoch, two MLP widths split at feature_dim 64, 10 rounds): every client's model
   beats the majority class of its own test split by a wide margin.
 
-  Neither is expected to beat local-only on the whole test set, and neither did in
-  experiments/RESULTS.md §8 (3 paired seeds, 30 rounds): LG-FedAvg shares only the
+  LG-FedAvg and FedProto are not expected to beat local-only on the whole test set,
+  and neither did in experiments/RESULTS.md §8 (3 paired seeds, 30 rounds): LG-FedAvg shares only the
   head, and each private body is trained on its client's few classes only, so its
   features do not separate the others (-0.05 points, undecided); FedProto's global
   prototypes average the representations of different architectures, and its
-  nearest-prototype prediction stayed below local-only (-1.9 points, decided)."""
+  nearest-prototype prediction stayed below local-only (-1.9 points, decided). FedGH did
+  beat it there, by 1.2 points (0.7..1.6) over 30 rounds: a margin one seed at this size
+  cannot show, so this test asks only that it learns."""
   from fml_jax import train
   from fml_jax.data import load_federated_data
   base = dict(dataset="mnist", data_dir=SHARED_TFDS, partition="dirichlet", dirichlet_alpha=0.1,
@@ -455,6 +457,6 @@ def test_lgfedavg_and_fedproto_learn_on_mnist(tmp_path):
   y_test = np.asarray(data.y_test)
   majority = np.mean([np.bincount(y_test[rows[k, :counts[k]]]).max() / counts[k]
                       for k in range(len(counts))])
-  for algorithm in ("lgfedavg", "fedproto"):
+  for algorithm in ("lgfedavg", "fedproto", "fedgh"):
     final = train.run(small_config(algorithm=algorithm, **base), str(tmp_path / algorithm))["final"]
     assert final["local_test_acc_mean"] > majority + 0.1, (algorithm, final, majority)
