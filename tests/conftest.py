@@ -125,7 +125,8 @@ def pytest_xdist_auto_num_workers(config):
   also wait (on subprocesses, files, the end of another's long file), so a third
   worker on the 2-core machine fills those gaps: the whole suite took 16:26 with three
   workers and 19:03 with four (one after the other, nearly the same code), 18:42 with
-  two half an hour before (benchmarks/RESULTS.md, "The test suite's time")."""
+  two half an hour before, and 18:13 with three in the final CI run: the gain is
+  within this shared machine's noise (benchmarks/RESULTS.md, "The test suite's time")."""
   del config
   return max(1, min(MAX_WORKERS, (os.cpu_count() or 1) + 1))
 
