@@ -98,6 +98,25 @@ requires_mnist = pytest.mark.skipif(
     not has_tfds_dataset("mnist"), reason=f"mnist is not prepared in {SHARED_TFDS}")
 
 
+def sgd_with_class_sums(loss_and_rows, params, client, data, config, num_classes, width):
+  """A client's local epochs of plain SGD (at config.learning_rate) restated: each step
+  takes the gradient of `loss_and_rows(params, x, y, mask, key) -> (loss, (B, width)
+  rows)` and sums the valid rows per class. Returns (params, (C, width) sums, (C,) counts)."""
+  from fml_jax import local_training   # pylint: disable=g-import-not-at-top
+
+  def step(carry, xb, yb, mask, key):
+    p, sums, counts = carry
+    grads, rows = jax.grad(lambda q: loss_and_rows(q, xb, yb, mask, key), has_aux=True)(p)
+    onehot = jax.nn.one_hot(yb, num_classes) * mask[:, None]
+    return (jax.tree.map(lambda w, g: w - config.learning_rate * g, p, grads),
+            sums + onehot.T @ rows, counts + onehot.sum(0)), {}
+
+  start = (params, jnp.zeros((num_classes, width)), jnp.zeros(num_classes))
+  return local_training.run_local_steps(step, start, data, client.train_idx, client.train_n,
+                                        client.key, config.local_epochs, config.batch_size,
+                                        min_examples=data.min_train)[0]
+
+
 def client_row(tree, i):
   """Client i's entry of a stacked (cohort or population) tree, as a single client's."""
   return jax.tree.map(lambda x: jnp.asarray(x)[i], tree)
@@ -123,10 +142,8 @@ MAX_WORKERS = 4   # each worker holds a few GiB of compiled programs and data
 def pytest_xdist_auto_num_workers(config):
   """`-n auto` (pytest.ini): one worker more than cores, at most MAX_WORKERS. Workers
   also wait (on subprocesses, files, the end of another's long file), so a third
-  worker on the 2-core machine fills those gaps: the whole suite took 16:26 with three
-  workers and 19:03 with four (one after the other, nearly the same code), 18:42 with
-  two half an hour before, and 18:13 with three in the final CI run: the gain is
-  within this shared machine's noise (benchmarks/RESULTS.md, "The test suite's time")."""
+  worker on the 2-core machine fills some of those gaps; four were slower. The runs
+  and why the gain is not established: benchmarks/RESULTS.md, "The test suite's time"."""
   del config
   return max(1, min(MAX_WORKERS, (os.cpu_count() or 1) + 1))
 

@@ -8,14 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fml_jax import local_training
 from fml_jax.algorithms.feddistill import distill_loss
 from fml_jax.algorithms.per_class import class_sums, mean_over_reports as aggregate
 from fml_jax.errors import ConfigError
 from fml_jax.models import forward
 from fml_jax.rounds.types import RoundContext
 
-from conftest import client_row, make_runner, small_config
+from conftest import client_row, make_runner, sgd_with_class_sums, small_config
 
 CONFIG = dict(algorithm="feddistill", local_models="mlp_small", momentum=0.0,
               weight_decay=0.0, learning_rate=0.05, local_epochs=2)
@@ -100,19 +99,12 @@ def test_client_update_equals_plain_sgd_and_uploads_its_training_logits():
   result = algorithm.client_update(server, own, client, data, 0)
   model = algorithm.groups[0].model
 
-  def step(carry, xb, yb, mask, key):
-    params, sums, counts = carry
-    logits = forward(model, params, {}, xb, True, key)[0]
-    grads = jax.grad(lambda p: distill_loss(forward(model, p, {}, xb, True, key)[0], yb, mask,
-                                            server["logits"], server["has"], 1.0)[0])(params)
-    onehot = jax.nn.one_hot(yb, c) * mask[:, None]
-    return (jax.tree.map(lambda p, g: p - config.learning_rate * g, params, grads),
-            sums + onehot.T @ logits, counts + onehot.sum(0)), {}
+  def loss_and_logits(p, xb, yb, mask, key):
+    logits = forward(model, p, {}, xb, True, key)[0]
+    return distill_loss(logits, yb, mask, server["logits"], server["has"], 1.0)[0], logits
 
-  (params, sums, counts), _ = local_training.run_local_steps(
-      step, (own.params, jnp.zeros((c, c)), jnp.zeros(c)), data, client.train_idx,
-      client.train_n, client.key, config.local_epochs, config.batch_size,
-      min_examples=data.min_train)
+  params, sums, counts = sgd_with_class_sums(loss_and_logits, own.params, client, data, config,
+                                             c, c)
   chex.assert_trees_all_close(result.client_state.params, params, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(result.upload["has"], counts > 0)
   np.testing.assert_allclose(result.upload["logits"], sums / np.maximum(counts, 1)[:, None],

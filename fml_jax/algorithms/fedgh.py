@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from fml_jax import losses, settings
 from fml_jax.algorithms import per_class
 from fml_jax.algorithms.client_models import ClientModelsAlgorithm, personalized
-from fml_jax.algorithms.lgfedavg import require_split_models, with_head
+from fml_jax.algorithms.lgfedavg import require_split_models
 from fml_jax.algorithms.steps import supervised_step
 from fml_jax.models import features
 from fml_jax.rounds.types import ClientResult
@@ -127,8 +127,7 @@ class FedGH(ClientModelsAlgorithm):
 
   def client_update(self, server_state, client_state, client, data, group):
     model = self.groups[group].model
-    state = client_state.replace(params=with_head(client_state.params, server_state["head"],
-                                                  jnp.ones((), bool)))
+    state = client_state.replace(params={**client_state.params, "head": server_state["head"]})
     step = supervised_step(model, self.optimizer, lr_scale=self.lr_scale(client))
     state, metrics = self.train(step, state, client, data)
     prototypes, has = class_prototypes(model, state, data, client, self.num_classes,
@@ -147,7 +146,9 @@ class FedGH(ClientModelsAlgorithm):
     return server_state["head"]
 
   def personalized_models(self, server_state, population):
-    heads_set = [state.replace(params=jax.vmap(
-        lambda p: with_head(p, server_state["head"], jnp.ones((), bool)))(state.params))
-                 for state in population]
+    def global_head(params):   # every client's own body under the one global head
+      n = jax.tree.leaves(params)[0].shape[0]
+      return {**params, "head": jax.tree.map(lambda h: jnp.broadcast_to(h, (n, *h.shape)),
+                                             server_state["head"])}
+    heads_set = [state.replace(params=global_head(state.params)) for state in population]
     return personalized(self.groups, self.group_of, heads_set)

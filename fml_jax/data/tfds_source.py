@@ -4,11 +4,11 @@
 example once and keep uint8 images, so the whole dataset can then live on the
 accelerator (MNIST: 47 MB, CIFAR-10: 150 MB).
 
-Decoding is slow (a 2-core CPU: MNIST 14 s, CIFAR-10 17 s, every process), so the
-decoded arrays are kept on disk, in `$FML_JAX_DATA_CACHE` (default
+Decoding takes seconds in every process (benchmarks/RESULTS.md, "The test suite's
+time"), so the decoded arrays are kept on disk, in `$FML_JAX_DATA_CACHE` (default
 `~/.cache/fml_jax/decoded`; `off` turns it off), keyed by the prepared files' names,
 sizes and modification times: a re-prepared dataset is decoded again. Reading them
-back takes a fraction of a second. A cache that cannot be written is skipped.
+back takes well under a second. A cache that cannot be written is skipped.
 """
 
 from __future__ import annotations
