@@ -5,7 +5,6 @@ early stopping (patience, last weights kept); each setting's older behaviour too
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from conftest import make_runner, small_config

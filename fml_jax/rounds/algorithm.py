@@ -39,7 +39,6 @@ from __future__ import annotations
 import abc
 from typing import Any, Optional
 
-import flax.linen as nn
 import jax
 import numpy as np
 
