@@ -18,8 +18,8 @@ Experiments (`python experiments/run.py --list` prints them with their runs):
   official      the authors' regimes (configs/fml_official.py, fedmr_official.py), cut
                 to a CPU's size: FML vs FedAvg on MNIST and CIFAR-10, FedMR vs FedAvg
   htfl          HtFLlib's benchmark protocol at a CPU's size: every heterogeneous-model
-                algorithm (FedDistill, LG-FedAvg, FedProto, FedGH, FML, FedMD, FedH2L,
-                local-only)
+                algorithm (FedDistill, LG-FedAvg, FedProto, FedGH, FedTGP, FedKD,
+                FedGen, FML, FedMD, FedH2L, local-only)
                 on one model family, MNIST and CIFAR-10
 
 Every run is a normal `fml_jax.train.run` in OUT/EXPERIMENT/RUN (a finished run is
@@ -197,14 +197,20 @@ def _htfl():
               checkpoint_every=0, feature_dim=512, model="mlp", local_models="htfe_cpu_vec",
               public_size=500, eval_clients_on_global_test=True)
   algorithms_settings = {
-      "feddistill": {}, "lgfedavg": {}, "fedproto": {}, "fedgh": {}, "fml": {},
+      "feddistill": {}, "lgfedavg": {}, "fedproto": {}, "fedgh": {}, "fedtgp": {},
+      # FedKD and FedGen as their authors' code runs them (the defaults), and as HtFLlib
+      # does: FedKD truncating the mentee's parameters instead of its change, FedGen
+      # sending the initial generator every round (HtFLlib never keeps the trained one).
+      "fedkd": {}, "fedkd_htfllib": dict(algorithm="fedkd", fedkd__compress="parameters"),
+      "fedgen": {}, "fedgen_htfllib": dict(algorithm="fedgen", fedgen__keep_generator=False),
+      "fml": {},
       "fedmd": dict(fedmd__public_epochs=1, fedmd__private_epochs=1, fedmd__alignment_size=500,
                     fedmd__report_bounds=False),
       "fedh2l": {}, "local": {}}
   runs = {}
   for dataset in ("mnist", "cifar10"):
-    for algorithm, extra in algorithms_settings.items():
-      runs[f"{dataset}-{algorithm}"] = dict(base, dataset=dataset, algorithm=algorithm, **extra)
+    for label, extra in algorithms_settings.items():
+      runs[f"{dataset}-{label}"] = dict(base, dataset=dataset, **{"algorithm": label, **extra})
   return runs
 
 

@@ -197,9 +197,11 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
           evaluated.append({
               "round": r, **labels[i],
               **evaluate(replicas.runner_of(i), replicas.state_of(states, i), data),
-              **{k: float(v) for k, v in report.metrics.items()},
               **traffic, "bytes_up_total": r * traffic["bytes_up"],
               "bytes_down_total": r * traffic["bytes_down"],
+              # An algorithm whose traffic depends on the data (FedKD's truncated SVDs)
+              # reports it in its metrics, which replace the static count.
+              **{k: float(v) for k, v in report.metrics.items()},
               **({"dp_epsilon": accountant.epsilon(r)} if accountant else {}),
               "round_seconds": round_seconds[-1],
               "elapsed_seconds": time.perf_counter() - start})

@@ -154,8 +154,8 @@ def test_stragglers_change_fedavgs_result():
     (dict(straggler_min_work=0.0), "straggler_min_work", "outside"),
     (dict(straggler_policy="wait"), "straggler_policy", "keep, drop"),
     (dict(algorithm="fedmd", public_size=60, dropout_rate=0.2), "dropout_rate",
-     "those that do: ditto, fedavg, feddistill, fedgh, fedproto, fedprox, fedrep, fml, lgfedavg, "
-         "local, scaffold"),
+     "those that do: ditto, fedavg, feddistill, fedgen, fedgh, fedkd, fedproto, fedprox, "
+         "fedrep, fedtgp, fml, lgfedavg, local, scaffold"),
     (dict(algorithm="fedmr", straggler_rate=0.2), "straggler_rate", "does not model"),
 ])
 def test_bad_availability_settings_name_the_setting(overrides, field, message):

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from fml_jax import config_checks, local_training, models
-from fml_jax.algorithms import per_class
 from fml_jax.algorithms.fedproto import NO_PROTOTYPE, prototype_loss, prototype_scores
 from fml_jax.errors import ConfigError
 from fml_jax.evaluation import evaluate_personalized
@@ -108,7 +107,8 @@ def test_a_family_assigns_its_members_round_robin_and_unknown_names_list_familie
     config_checks.validate(small_config(feature_dim=-1))
 
 
-@pytest.mark.parametrize("algorithm", ["lgfedavg", "fedproto", "fedgh"])
+@pytest.mark.parametrize("algorithm", ["lgfedavg", "fedproto", "fedgh", "fedtgp", "fedkd",
+                                       "fedgen"])
 def test_head_and_prototype_algorithms_need_feature_dim_and_the_datasets_classes(algorithm):
   with pytest.raises(ConfigError, match="feature_dim.*512"):
     config_checks.validate(small_config(algorithm=algorithm))
@@ -421,11 +421,137 @@ def test_fedgh_starts_from_client_zeros_head_and_sends_prototypes_up_and_the_hea
                                                              "bytes_down": 4 * down}
 
 
+# --- FedTGP -------------------------------------------------------------------------
+
+
+def numpy_margin(class_means, present, threshold):
+  """HtFLlib's servertgp.receive_protos restated with its loops."""
+  c = len(present)
+  gap = np.full(c, 1e9)
+  for k1 in range(c):
+    for k2 in range(c):
+      if present[k1] and present[k2] and k1 > k2:
+        dis = np.linalg.norm(class_means[k1] - class_means[k2])
+        gap[k1], gap[k2] = min(gap[k1], dis), min(gap[k2], dis)
+  smallest = gap.min()
+  gap[gap > 1e8] = smallest
+  return min(gap.max(), threshold)
+
+
+@pytest.mark.parametrize("present,threshold", [([1, 1, 0, 1, 0], 100.0), ([1, 1, 1, 1, 1], 0.5),
+                                               ([0, 0, 1, 0, 0], 100.0)])
+def test_fedtgp_margin_is_htfllibs(present, threshold):
+  from fml_jax.algorithms.fedtgp import margin
+  rng = np.random.default_rng(1)
+  means = rng.normal(size=(5, 3)).astype(np.float32)
+  present = np.asarray(present, bool)
+  got, _ = margin(jnp.asarray(means), jnp.asarray(present), threshold)
+  np.testing.assert_allclose(got, numpy_margin(means, present, threshold), rtol=1e-5)
+
+
+def plain_tgp_training(tgp, prototypes, has, key, epochs, batch_size, lr, delta):
+  """HtFLlib's servertgp.update_Gen restated: per batch, the TGP's outputs, each pair's
+  distance to every output by a norm, CE on -(d + delta * onehot), an SGD step; each
+  pass in the order the same random scores give."""
+  k, c, fd = prototypes.shape
+  reps, labels = prototypes.reshape(k * c, fd), np.tile(np.arange(c), k)
+  valid = has.reshape(-1)
+
+  def loss(t, rows):
+    hidden = jax.nn.relu(t["embedding"] @ t["hidden"]["kernel"] + t["hidden"]["bias"])
+    centers = hidden @ t["out"]["kernel"] + t["out"]["bias"]
+    total = 0.0
+    for r in rows:
+      d = jnp.stack([jnp.linalg.norm(reps[r] - centers[j]) for j in range(c)])
+      z = -(d + delta * (jnp.arange(c) == labels[r]))
+      total = total - jax.nn.log_softmax(z)[labels[r]]
+    return total / len(rows)
+
+  for epoch_key in jax.random.split(key, epochs):
+    scores = np.asarray(jax.random.uniform(epoch_key, (k * c,)))
+    order = [i for i in np.argsort(np.where(valid, scores, 2.0), kind="stable") if valid[i]]
+    for start in range(0, len(order), batch_size):
+      grads = jax.grad(loss)(tgp, order[start:start + batch_size])
+      tgp = jax.tree.map(lambda p, g: p - lr * g, tgp, grads)
+  return tgp
+
+
+def test_fedtgp_server_trains_the_prototypes_with_the_margin_and_sends_every_class():
+  from fml_jax.algorithms.fedtgp import init_tgp, tgp_prototypes
+  config = small_config(algorithm="fedtgp", feature_dim=4, batch_size=3,
+                        fedtgp__server_epochs=2, fedtgp__server_learning_rate=0.2)
+  algorithm = make_runner(config, "vmap").algorithm
+  rng = np.random.default_rng(0)
+  k, c, fd = 3, algorithm.num_classes, 4
+  prototypes = rng.normal(size=(k, c, fd)).astype(np.float32)
+  has = rng.random((k, c)) < 0.6
+  reports = np.asarray([True, False, True])
+  tgp = init_tgp(jax.random.PRNGKey(2), c, fd)
+  context = RoundContext(round=jnp.int32(0), clients=None, weights=jnp.ones(k) / k,
+                         key=jax.random.PRNGKey(9), reports=jnp.asarray(reports))
+  old = {"tgp": tgp, "prototypes": jnp.zeros((c, fd)), "has": jnp.zeros(c, bool)}
+  server, metrics = algorithm.server_update(
+      old, {"prototypes": jnp.asarray(prototypes), "has": jnp.asarray(has)}, context)
+  used = has & reports[:, None]
+  present = used.any(0)
+  means = np.stack([prototypes[used[:, j], j].mean(0) if present[j] else np.zeros(fd)
+                    for j in range(c)])
+  delta = numpy_margin(means, present, 100.0)
+  np.testing.assert_allclose(metrics["margin"], delta, rtol=1e-5)
+  assert metrics["server_pairs"] == used.sum()
+  want = plain_tgp_training(tgp, prototypes, used, context.key, 2, 3, 0.2, delta)
+  chex.assert_trees_all_close(server["tgp"], want, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(server["prototypes"], tgp_prototypes(want), rtol=1e-4, atol=1e-5)
+  assert bool(server["has"].all())
+
+
+@pytest.mark.parametrize("source", ["round_start", "trained"])
+def test_fedtgp_client_trains_as_fedproto_and_uploads_inference_prototypes(source):
+  config = small_config(algorithm="fedtgp", local_models="mlp_small", feature_dim=8,
+                        fedtgp__weight=3.0, fedtgp__prototypes_from=source, **PLAIN_SGD)
+  runner = make_runner(config, "vmap")
+  algorithm, data = runner.algorithm, runner.data
+  state = runner.init(0)
+  c, fd = algorithm.num_classes, 8
+  server = {**state.server, "prototypes": jax.random.normal(jax.random.PRNGKey(3), (c, fd)),
+            "has": jnp.ones(c, bool)}
+  (cohort,), _ = runner.begin_round(state)
+  client, own = client_row(cohort.clients, 1), client_row(cohort.client_state, 1)
+  result = algorithm.client_update(server, own, client, data, 0)
+  model = algorithm.groups[0].model
+
+  def loss_and_rep(p, xb, yb, mask, key):
+    rep, logits, _ = models.features(model, p, {}, xb, True, key)
+    return numpy_free_loss(logits, rep, yb, mask, server, 3.0), rep
+
+  params, _, _ = sgd_with_class_sums(loss_and_rep, own.params, client, data, config, c, fd)
+  chex.assert_trees_all_close(result.client_state.params, params, rtol=1e-5, atol=1e-6)
+  # HtFLlib's quirk uploads the round-start model's prototypes; the paper the trained one's.
+  source_params = own.params if source == "round_start" else params
+  rows = np.asarray(client.train_idx)[:int(client.train_n)]
+  rep = np.asarray(models.features(model, source_params, {}, data.normalize(data.x_train[rows]),
+                                   False, jax.random.PRNGKey(0))[0])
+  labels = np.asarray(data.y_train)[rows]
+  for cls in range(c):
+    assert bool(result.upload["has"][cls]) == (cls in labels)
+    if cls in labels:
+      np.testing.assert_allclose(result.upload["prototypes"][cls], rep[labels == cls].mean(0),
+                                 rtol=1e-4, atol=1e-5)
+
+
+def test_fedtgp_sends_class_prototypes_each_way_and_keeps_its_network_on_the_server():
+  runner = make_runner(small_config(algorithm="fedtgp", feature_dim=8), "vmap")
+  c = runner.algorithm.num_classes
+  per_client = c * 8 * 4 + c   # (C, fd) float32 prototypes and (C,) flags, each way
+  assert runner.communication(runner.abstract_state(0)) == {"bytes_up": 4 * per_client,
+                                                             "bytes_down": 4 * per_client}
+
+
 # --- learning on MNIST at CI size ------------------------------------------------------
 
 
 @requires_mnist
-def test_lgfedavg_fedproto_and_fedgh_learn_on_mnist(tmp_path):
+def test_lgfedavg_fedproto_fedgh_and_fedtgp_learn_on_mnist(tmp_path):
   """HtFLlib's client setting at CI size (Dirichlet 0.1, plain SGD 0.01, batch 10, one
   epoch, two MLP widths split at feature_dim 64, 10 rounds): every client's model
   beats the majority class of its own test split by a wide margin.
@@ -449,6 +575,6 @@ def test_lgfedavg_fedproto_and_fedgh_learn_on_mnist(tmp_path):
   y_test = np.asarray(data.y_test)
   majority = np.mean([np.bincount(y_test[rows[k, :counts[k]]]).max() / counts[k]
                       for k in range(len(counts))])
-  for algorithm in ("lgfedavg", "fedproto", "fedgh"):
+  for algorithm in ("lgfedavg", "fedproto", "fedgh", "fedtgp"):
     final = train.run(small_config(algorithm=algorithm, **base), str(tmp_path / algorithm))["final"]
     assert final["local_test_acc_mean"] > majority + 0.1, (algorithm, final, majority)

@@ -14,12 +14,15 @@ import importlib
 from fml_jax.algorithms.ditto import Ditto
 from fml_jax.algorithms.fedavg import FedAvg, FedProx
 from fml_jax.algorithms.feddistill import FedDistill
+from fml_jax.algorithms.fedgen import FedGen
 from fml_jax.algorithms.fedgh import FedGH
 from fml_jax.algorithms.fedh2l import FedH2L
+from fml_jax.algorithms.fedkd import FedKD
 from fml_jax.algorithms.fedmd import FedMD
 from fml_jax.algorithms.fedmr import FedMR
 from fml_jax.algorithms.fedproto import FedProto
 from fml_jax.algorithms.fedrep import FedRep
+from fml_jax.algorithms.fedtgp import FedTGP
 from fml_jax.algorithms.fml import FML
 from fml_jax.algorithms.lgfedavg import LGFedAvg
 from fml_jax.algorithms.local import LocalOnly
@@ -43,7 +46,7 @@ def register(cls: type) -> type:
 # The package's own algorithms: their sections make up fml_jax/configs/default.py. One
 # registered later (module:Class) brings its section into the configs that run it only.
 BUILTIN = (FML, FedAvg, FedProx, LocalOnly, FedMR, FedMD, FedH2L, Scaffold, Ditto, FedRep,
-           FedDistill, LGFedAvg, FedProto, FedGH)
+           FedDistill, LGFedAvg, FedProto, FedGH, FedTGP, FedKD, FedGen)
 for _cls in BUILTIN:
   register(_cls)
 

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 
 from fml_jax import losses, settings
 from fml_jax.algorithms import per_class
-from fml_jax.algorithms.client_models import ClientModelsAlgorithm, personalized
-from fml_jax.algorithms.lgfedavg import require_split_models
+from fml_jax.algorithms.client_models import ClientModelsAlgorithm
+from fml_jax.algorithms.lgfedavg import require_split_models, under_global_head
 from fml_jax.algorithms.steps import supervised_step
 from fml_jax.models import features
 from fml_jax.rounds.types import ClientResult
@@ -46,32 +46,9 @@ def train_head(head, prototypes, has, key, epochs: int, batch_size: int, learnin
   """HtFLlib's server step: plain SGD on mean cross-entropy of `head` over the valid
   (prototype, class) pairs of (k, C, fd) `prototypes` (`has` (k, C)), `epochs` passes in
   a fresh random order each, batches of `batch_size`, the last one partial."""
-  k, c, fd = prototypes.shape
-  reps = prototypes.reshape(k * c, fd)
-  labels = jnp.tile(jnp.arange(c), k)
-  valid = has.reshape(k * c)
-  count = valid.sum()
-  slots = k * c
-  num_batches = -(-slots // batch_size)
-
-  def epoch(head, epoch_key):
-    # Valid pairs first, in random order; then the invalid ones (never used).
-    scores = jax.random.uniform(epoch_key, (slots,))
-    order = jnp.argsort(jnp.where(valid, scores, 2.0))
-    order = jnp.pad(order, (0, num_batches * batch_size - slots))
-    position = jnp.arange(num_batches * batch_size).reshape(num_batches, batch_size)
-
-    def step(head, positions):
-      rows = order[positions]
-      mask = (positions < count).astype(reps.dtype)
-      loss_fn = lambda h: losses.cross_entropy(head_logits(h, reps[rows]), labels[rows], mask)
-      grads = jax.grad(loss_fn)(head)
-      # A batch with no valid pair (past the round's pairs) changes nothing.
-      return jax.tree.map(lambda p, g: p - learning_rate * g, head, grads), None
-
-    return jax.lax.scan(step, head, position)[0], None
-
-  return jax.lax.scan(epoch, head, jax.random.split(key, epochs))[0]
+  loss_fn = lambda h, reps, labels, mask: losses.cross_entropy(head_logits(h, reps), labels, mask)
+  return per_class.sgd_over_pairs(head, loss_fn, prototypes, has, key, epochs, batch_size,
+                                  learning_rate)[0]
 
 
 def class_prototypes(model, state, data, client, num_classes: int, feature_dim: int):
@@ -146,9 +123,4 @@ class FedGH(ClientModelsAlgorithm):
     return server_state["head"]
 
   def personalized_models(self, server_state, population):
-    def global_head(params):   # every client's own body under the one global head
-      n = jax.tree.leaves(params)[0].shape[0]
-      return {**params, "head": jax.tree.map(lambda h: jnp.broadcast_to(h, (n, *h.shape)),
-                                             server_state["head"])}
-    heads_set = [state.replace(params=global_head(state.params)) for state in population]
-    return personalized(self.groups, self.group_of, heads_set)
+    return under_global_head(self.groups, self.group_of, population, server_state["head"])

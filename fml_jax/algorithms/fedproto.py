@@ -104,7 +104,10 @@ class FedProto(ClientModelsAlgorithm):
     server = {"prototypes": jnp.zeros((c, d), jnp.float32), "has": jnp.zeros((c,), bool)}
     return server, self.init_clients(key)
 
-  def client_update(self, server_state, client_state, client, data, group):
+  def train_toward_prototypes(self, server_state, client_state, client, data, group):
+    """The client's local epochs under CE + weight x MSE(rep, P[y]) toward the server's
+    prototypes. Returns (state, (C, fd) per-class sums of its train-mode
+    representations over the epochs, (C,) their counts, metrics)."""
     model, c = self.groups[group].model, self.num_classes
     weight = self.settings.weight
 
@@ -126,6 +129,11 @@ class FedProto(ClientModelsAlgorithm):
     d = self.config.feature_dim
     start = (client_state, jnp.zeros((c, d), jnp.float32), jnp.zeros((c,), jnp.float32))
     (state, sums, counts), metrics = self.train(step, start, client, data)
+    return state, sums, counts, metrics
+
+  def client_update(self, server_state, client_state, client, data, group):
+    state, sums, counts, metrics = self.train_toward_prototypes(server_state, client_state,
+                                                                client, data, group)
     prototypes, has = per_class.means(sums, counts)
     return ClientResult(client_state=state, upload={"prototypes": prototypes, "has": has},
                         metrics=metrics)

@@ -48,6 +48,14 @@ def with_head(params, head, use):
                                          params["head"])}
 
 
+def under_global_head(groups, group_of, population, head, use=True):
+  """Personalized evaluation of every client's own body under the global `head` (where
+  `use`, a traced bool; else its own head)."""
+  return personalized(groups, group_of, [
+      state.replace(params=jax.vmap(lambda p: with_head(p, head, use))(state.params))
+      for state in population])
+
+
 class LGFedAvg(ClientModelsAlgorithm):
   name = "lgfedavg"
   default_aggregation = "weighted"   # HtFLlib weighs heads by training examples
@@ -85,7 +93,5 @@ class LGFedAvg(ClientModelsAlgorithm):
     return server_state["head"]
 
   def personalized_models(self, server_state, population):
-    heads_set = [state.replace(params=jax.vmap(
-        lambda p: with_head(p, server_state["head"], server_state["has_head"]))(state.params))
-                 for state in population]
-    return personalized(self.groups, self.group_of, heads_set)
+    return under_global_head(self.groups, self.group_of, population, server_state["head"],
+                             server_state["has_head"])
