@@ -3,6 +3,8 @@ plain re-statements: pooling, the losses, a client's whole local training, the
 server steps, nearest-prototype prediction and the bytes per round (the registry
 tests run both algorithms through every executor, store and device count)."""
 
+import types
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -249,15 +251,20 @@ def test_nearest_prototype_scores():
   np.testing.assert_array_equal(jnp.argmax(none, -1), [3, 3, 3])
 
 
-def test_fedproto_client_update_equals_plain_sgd_and_uploads_its_training_prototypes():
-  config = small_config(algorithm="fedproto", local_models="mlp_small", feature_dim=8,
-                        fedproto__weight=3.0, **PLAIN_SGD)
+def prototype_client_and_plain_sgd(name, has, **overrides):
+  """One client update of FedProto's loss (`name`'s, weight 3, plain SGD, one mlp_small
+  group at feature_dim 8) under random server prototypes where `has` (C,), and the
+  same training restated: data, client, model, start (its round-start params), result
+  (the update's), params (restated), sums and counts (per class, of the restated
+  training representations)."""
+  config = small_config(algorithm=name, local_models="mlp_small", feature_dim=8,
+                        **{f"{name}__weight": 3.0}, **overrides, **PLAIN_SGD)
   runner = make_runner(config, "vmap")
   algorithm, data = runner.algorithm, runner.data
   state = runner.init(0)
   c, fd = algorithm.num_classes, 8
-  server = {"prototypes": jax.random.normal(jax.random.PRNGKey(3), (c, fd)),
-            "has": jnp.arange(c) % 2 == 0}
+  server = {**state.server, "prototypes": jax.random.normal(jax.random.PRNGKey(3), (c, fd)),
+            "has": jnp.asarray(has)}
   (cohort,), _ = runner.begin_round(state)
   client, own = client_row(cohort.clients, 1), client_row(cohort.client_state, 1)
   result = algorithm.client_update(server, own, client, data, 0)
@@ -269,7 +276,14 @@ def test_fedproto_client_update_equals_plain_sgd_and_uploads_its_training_protot
 
   params, sums, counts = sgd_with_class_sums(loss_and_rep, own.params, client, data, config,
                                              c, fd)
-  chex.assert_trees_all_close(result.client_state.params, params, rtol=1e-5, atol=1e-6)
+  return types.SimpleNamespace(data=data, client=client, model=model, start=own.params,
+                               result=result, params=params, sums=sums, counts=counts)
+
+
+def test_fedproto_client_update_equals_plain_sgd_and_uploads_its_training_prototypes():
+  run = prototype_client_and_plain_sgd("fedproto", np.arange(10) % 2 == 0)
+  data, client, result, sums, counts = run.data, run.client, run.result, run.sums, run.counts
+  chex.assert_trees_all_close(result.client_state.params, run.params, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(result.upload["has"], counts > 0)
   np.testing.assert_allclose(result.upload["prototypes"], sums / np.maximum(counts, 1)[:, None],
                              rtol=1e-5, atol=1e-5)
@@ -387,6 +401,20 @@ def test_fedgh_server_trains_the_head_as_htfllib(batch_size, epochs):
   np.testing.assert_allclose(got["bias"], b, rtol=1e-5, atol=1e-5)
 
 
+def assert_inference_prototypes(upload, model, params, client, data):
+  """`upload` holds, for each class the client holds and no other, the mean
+  inference-mode representation of `params` over the client's training examples."""
+  rows = np.asarray(client.train_idx)[:int(client.train_n)]
+  rep = np.asarray(models.features(model, params, {}, data.normalize(data.x_train[rows]), False,
+                                   jax.random.PRNGKey(0))[0])
+  labels = np.asarray(data.y_train)[rows]
+  for cls in range(len(upload["has"])):
+    assert bool(upload["has"][cls]) == (cls in labels)
+    if cls in labels:
+      np.testing.assert_allclose(upload["prototypes"][cls], rep[labels == cls].mean(0),
+                                 rtol=1e-4, atol=1e-5)
+
+
 def test_fedgh_client_trains_under_the_global_head_and_uploads_inference_prototypes():
   config, runner, state, head = plain_sgd_runner_and_a_random_head("fedgh")
   algorithm, data = runner.algorithm, runner.data
@@ -398,15 +426,7 @@ def test_fedgh_client_trains_under_the_global_head_and_uploads_inference_prototy
   chex.assert_trees_all_close(result.client_state.params, want, rtol=1e-5, atol=1e-6)
   # Prototypes: the trained model's inference-mode representation, averaged per class
   # over every training example of the client.
-  rows = np.asarray(client.train_idx)[:int(client.train_n)]
-  rep = np.asarray(models.features(model, want, {}, data.normalize(data.x_train[rows]), False,
-                                   jax.random.PRNGKey(0))[0])
-  labels = np.asarray(data.y_train)[rows]
-  for cls in range(algorithm.num_classes):
-    assert bool(result.upload["has"][cls]) == (cls in labels)
-    if cls in labels:
-      np.testing.assert_allclose(result.upload["prototypes"][cls], rep[labels == cls].mean(0),
-                                 rtol=1e-4, atol=1e-5)
+  assert_inference_prototypes(result.upload, model, want, client, data)
 
 
 def test_fedgh_starts_from_client_zeros_head_and_sends_prototypes_up_and_the_head_down():
@@ -507,36 +527,12 @@ def test_fedtgp_server_trains_the_prototypes_with_the_margin_and_sends_every_cla
 
 @pytest.mark.parametrize("source", ["round_start", "trained"])
 def test_fedtgp_client_trains_as_fedproto_and_uploads_inference_prototypes(source):
-  config = small_config(algorithm="fedtgp", local_models="mlp_small", feature_dim=8,
-                        fedtgp__weight=3.0, fedtgp__prototypes_from=source, **PLAIN_SGD)
-  runner = make_runner(config, "vmap")
-  algorithm, data = runner.algorithm, runner.data
-  state = runner.init(0)
-  c, fd = algorithm.num_classes, 8
-  server = {**state.server, "prototypes": jax.random.normal(jax.random.PRNGKey(3), (c, fd)),
-            "has": jnp.ones(c, bool)}
-  (cohort,), _ = runner.begin_round(state)
-  client, own = client_row(cohort.clients, 1), client_row(cohort.client_state, 1)
-  result = algorithm.client_update(server, own, client, data, 0)
-  model = algorithm.groups[0].model
-
-  def loss_and_rep(p, xb, yb, mask, key):
-    rep, logits, _ = models.features(model, p, {}, xb, True, key)
-    return numpy_free_loss(logits, rep, yb, mask, server, 3.0), rep
-
-  params, _, _ = sgd_with_class_sums(loss_and_rep, own.params, client, data, config, c, fd)
-  chex.assert_trees_all_close(result.client_state.params, params, rtol=1e-5, atol=1e-6)
+  run = prototype_client_and_plain_sgd("fedtgp", np.ones(10, bool),
+                                       fedtgp__prototypes_from=source)
+  chex.assert_trees_all_close(run.result.client_state.params, run.params, rtol=1e-5, atol=1e-6)
   # HtFLlib's quirk uploads the round-start model's prototypes; the paper the trained one's.
-  source_params = own.params if source == "round_start" else params
-  rows = np.asarray(client.train_idx)[:int(client.train_n)]
-  rep = np.asarray(models.features(model, source_params, {}, data.normalize(data.x_train[rows]),
-                                   False, jax.random.PRNGKey(0))[0])
-  labels = np.asarray(data.y_train)[rows]
-  for cls in range(c):
-    assert bool(result.upload["has"][cls]) == (cls in labels)
-    if cls in labels:
-      np.testing.assert_allclose(result.upload["prototypes"][cls], rep[labels == cls].mean(0),
-                                 rtol=1e-4, atol=1e-5)
+  source_params = run.start if source == "round_start" else run.params
+  assert_inference_prototypes(run.result.upload, run.model, source_params, run.client, run.data)
 
 
 def test_fedtgp_sends_class_prototypes_each_way_and_keeps_its_network_on_the_server():
