@@ -158,6 +158,9 @@ def draw_runs(workdirs: list[str], title: str = "", labels=None):
     raise UserError(f"{len(labels)} labels for {len(runs)} runs")
   labels = list(labels) if labels is not None else legend_labels([c for c, _ in runs])
   colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+  num_lines = sum(len(replica_seeds(r)) if has_replicas(r) else 1 for _, r in runs)
+  if num_lines > len(colors):   # more lines than the default cycle's 10: no color twice
+    colors = [matplotlib.colors.to_hex(c) for c in matplotlib.colormaps["tab20"].colors]
   fig = Figure(figsize=(12, 8))
   axes = fig.subplots(2, 2, squeeze=False)
   lines = 0   # one color per line (a run, or a sweep point of one) in every panel

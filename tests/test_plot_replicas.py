@@ -136,6 +136,15 @@ def test_without_a_global_model_the_clients_models_are_dashed_bands(tmp_path):
   np.testing.assert_allclose(lines[0].get_ydata(), np.array(expected(local_acc, 0)[0]) / 2)
 
 
+def test_up_to_twenty_lines_never_share_a_color(tmp_path):
+  """The default cycle has 10 colors; HtFLlib's experiment draws 13 runs."""
+  folders = [write_run(tmp_path / f"run{i}", {"algorithm": "local", "seed": i},
+                       [{"round": k, "local_test_acc_mean": 0.1 * i + 0.01 * k} for k in ROUNDS])
+             for i in range(13)]
+  lines = plot.draw_runs(folders).axes[2].get_lines()
+  assert len(lines) == 13 and len({l.get_color() for l in lines}) == 13
+
+
 def test_plot_of_replica_runs_writes_a_png(runs, tmp_path):
   out = plot.plot_runs(list(runs), str(tmp_path / "figs" / "replicas.png"), title="t")
   data = out.read_bytes()
