@@ -38,6 +38,10 @@ interval excludes 0. Replica seed s of one run and of the other draw the same ra
 numbers wherever the two algorithms draw alike, so pairing by seed takes out the spread
 they share and decides with fewer seeds than comparing the two runs' own intervals.
 
+`--set FIELD=VALUE` (repeatable) changes a setting in every run of the experiment, e.g.
+the CNN family of `htfl` on an accelerator; give it a fresh --out, since a run folder
+refuses a config other than its own.
+
 `--quick` runs one representative run of each experiment at a size that takes
 seconds (few clients, rounds and examples; MNIST and MLPs only): what CI runs so
 the scripts cannot rot. Its numbers mean nothing.
@@ -59,6 +63,7 @@ sys.path.insert(0, str(REPO))
 from fml_jax import algorithms, outputs, plot, settings  # noqa: E402  pylint: disable=g-import-not-at-top
 from fml_jax import stats, train  # noqa: E402  pylint: disable=g-import-not-at-top
 from fml_jax.configs import default  # noqa: E402  pylint: disable=g-import-not-at-top
+from fml_jax.errors import ConfigError  # noqa: E402  pylint: disable=g-import-not-at-top
 
 # Shared by every run of an experiment unless a run overrides it.
 MNIST = dict(dataset="mnist", num_clients=10, clients_per_round=10, local_epochs=1,
@@ -189,8 +194,8 @@ def _htfl():
   accelerator); our test splits come from the test set under the same partition, where
   HtFLlib cuts 75/25 from each client's data. 500 training examples are held out as the
   public / seed set of FedMD and FedH2L in every run, so all runs train on the same data
-  and pair by seed. FML's meme is the family's `mlp`. The full family on an accelerator:
-  `--config.local_models=htfe_cpu_img` and no `client_max_examples`."""
+  and pair by seed. FML's meme is the family's `mlp`. The CNN family on an accelerator,
+  every client's data: `--set local_models=htfe_cpu_img --set client_max_examples=0`."""
   base = dict(partition="dirichlet", dirichlet_alpha=0.1, num_clients=20, clients_per_round=20,
               client_max_examples=500, batch_size=10, optimizer="sgd", learning_rate=0.01,
               momentum=0.0, weight_decay=0.0, local_epochs=1, num_rounds=30, eval_every=10,
@@ -259,6 +264,29 @@ def seeds_overrides(seeds: int) -> dict:
   return {"seeds": seeds} if seeds != 1 else {}
 
 
+def parse_settings(pairs: list[str]) -> dict:
+  """`--set field=value` pairs as overrides, each value read as its field's type in the
+  default config (booleans: true / false). Names the field and what it takes."""
+  base = default.get_config()
+  overrides = {}
+  for pair in pairs:
+    field, sep, text = pair.partition("=")
+    if not sep:
+      raise ConfigError("--set", f"'{pair}' is not field=value")
+    if not settings.has(base, field):
+      raise ConfigError(field, "no such setting (fml_jax/configs/default.py lists them)")
+    current = settings.get(base, field)
+    try:
+      if isinstance(current, bool):
+        value = {"true": True, "false": False}[text.lower()]
+      else:
+        value = type(current)(text)
+    except (KeyError, ValueError):
+      raise ConfigError(field, f"'{text}' is not a {type(current).__name__}") from None
+    overrides[field] = value
+  return overrides
+
+
 def make_config(overrides: dict, data_dir: str):
   c = default.get_config()
   settings.apply_overrides(c, overrides)
@@ -317,7 +345,10 @@ TABLE_HEADER = ("| run | rounds | global acc | best global | personalized mean |
 
 
 def run_experiment(name: str, out: Path, is_quick: bool, data_dir: str = "",
-                   only: list[str] | None = None, seeds: int = 1) -> Path:
+                   only: list[str] | None = None, seeds: int = 1,
+                   extra: dict | None = None) -> Path:
+  """Runs experiment `name` into out/name; `extra` overrides (`--set`) apply to every
+  run, after the experiment's own settings."""
   runs = EXPERIMENTS[name]()
   if is_quick:
     runs = {k: v for k, v in runs.items() if k in QUICK_RUNS[name]}
@@ -325,7 +356,8 @@ def run_experiment(name: str, out: Path, is_quick: bool, data_dir: str = "",
     runs = {k: v for k, v in runs.items() if k in only}
   folder = out / name
   for run_name, overrides in runs.items():
-    overrides = dict(quick(overrides) if is_quick else overrides, **seeds_overrides(seeds))
+    overrides = dict(quick(overrides) if is_quick else overrides, **seeds_overrides(seeds),
+                     **(extra or {}))
     workdir = folder / run_name
     t0 = time.perf_counter()
     summary = train.run(make_config(overrides, data_dir), str(workdir))
@@ -530,6 +562,9 @@ def main(argv=None) -> None:
   parser.add_argument("--data_dir", default="", help="tfds data_dir (default $TFDS_DATA_DIR)")
   parser.add_argument("--only", default="", help="comma-separated run names to run")
   parser.add_argument("--list", action="store_true", help="list experiments and runs")
+  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                      help="a setting for every run, e.g. --set local_models=htfe_cpu_img "
+                           "(repeatable; use a fresh --out)")
   parser.add_argument("--seeds", type=int, default=1,
                       help="replicas (seeds) per run, in one program; >= 2 for paired.md")
   args = parser.parse_args(argv)
@@ -543,8 +578,13 @@ def main(argv=None) -> None:
   if unknown:
     parser.error(f"unknown experiment(s) {unknown}; choose from {', '.join(EXPERIMENTS)}")
   only = [r.strip() for r in args.only.split(",") if r.strip()]
+  try:
+    extra = parse_settings(args.set)
+  except ConfigError as e:
+    parser.error(str(e))
   for name in args.experiments:
-    table = run_experiment(name, Path(args.out), args.quick, args.data_dir, only, args.seeds)
+    table = run_experiment(name, Path(args.out), args.quick, args.data_dir, only, args.seeds,
+                           extra)
     print(table.read_text())
     print((table.parent / "paired.md").read_text())
 

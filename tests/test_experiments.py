@@ -28,6 +28,31 @@ def test_quick_experiment_writes_table_and_figure(name, tmp_path):
       table.read_text()
 
 
+def test_set_reads_each_value_as_its_fields_type_and_reaches_every_run(monkeypatch, tmp_path):
+  extra = experiments.parse_settings(["local_models=htfe_cpu_img", "client_max_examples=0",
+                                      "fedproto.weight=3", "eval_clients_on_global_test=false"])
+  assert extra == {"local_models": "htfe_cpu_img", "client_max_examples": 0,
+                   "fedproto.weight": 3.0, "eval_clients_on_global_test": False}
+  assert isinstance(extra["fedproto.weight"], float)
+  for bad, field in [("nosuch=1", "nosuch"), ("num_rounds=ten", "num_rounds"),
+                     ("batch_size", "--set"), ("dirichlet_cap=maybe", "dirichlet_cap")]:
+    with pytest.raises(experiments.ConfigError) as error:
+      experiments.parse_settings([bad])
+    assert field in str(error.value)
+  seen = []
+
+  def capture(config, workdir):
+    seen.append(config)
+    raise KeyboardInterrupt   # stop before training
+
+  monkeypatch.setattr(experiments.train, "run", capture)
+  with pytest.raises(KeyboardInterrupt):
+    experiments.run_experiment("htfl", tmp_path, False, only=["cifar10-fedproto"],
+                               extra={"client_max_examples": 0, "fedproto.weight": 3.0})
+  assert seen[0].client_max_examples == 0 and seen[0].fedproto.weight == 3.0
+  assert seen[0].dataset == "cifar10" and seen[0].feature_dim == 512   # the run's own settings
+
+
 def test_quick_keeps_the_experiment_small_and_on_mnist():
   for make in experiments.EXPERIMENTS.values():
     for overrides in make().values():
