@@ -149,15 +149,13 @@ def plain_sgd_runner_and_a_random_head(algorithm):
   return config, runner, state, head
 
 
-@pytest.mark.parametrize("has_head", [True, False])
-def test_lgfedavg_client_trains_its_body_under_the_global_head(has_head):
+def test_lgfedavg_client_trains_its_body_under_the_global_head():
   config, runner, state, head = plain_sgd_runner_and_a_random_head("lgfedavg")
   algorithm, data = runner.algorithm, runner.data
-  server = {"head": head, "has_head": jnp.asarray(has_head)}
   (cohort,), _ = runner.begin_round(state)
   client, own = client_row(cohort.clients, 2), client_row(cohort.client_state, 2)
-  result = algorithm.client_update(server, own, client, data, 0)
-  start = {**own.params, "head": head} if has_head else own.params
+  result = algorithm.client_update({"head": head}, own, client, data, 0)
+  start = {**own.params, "head": head}
   want = plain_sgd_ce(algorithm.groups[0].model, start, client, data, config)
   chex.assert_trees_all_close(result.client_state.params, want, rtol=1e-5, atol=1e-6)
   chex.assert_trees_all_close(result.upload, want["head"])
@@ -179,15 +177,16 @@ def test_lgfedavg_server_averages_heads_by_weight_and_clients_predict_with_it():
   for leaf, up in zip(jax.tree.leaves(server["head"]), jax.tree.leaves(uploads)):
     np.testing.assert_allclose(leaf, np.einsum("k,k...->...", np.asarray(weights), up),
                                rtol=1e-6, atol=1e-7)
-  assert bool(server["has_head"])
   for group in algorithm.personalized_models(server, state.population):
     for leaf, head in zip(jax.tree.leaves(group.params["head"]),
                           jax.tree.leaves(server["head"])):
       np.testing.assert_array_equal(leaf, np.broadcast_to(head, leaf.shape))
-  # Before any aggregation clients keep their own heads.
-  for group, own in zip(algorithm.personalized_models(state.server, state.population),
-                        state.population):
-    chex.assert_trees_all_equal(group.params, own.params)
+  # The server's head starts as client 0's, every client's from the first round (HtFLlib).
+  first = int(algorithm.group_of[0])
+  chex.assert_trees_all_equal(state.server["head"],
+                              client_row(state.population[first].params["head"], 0))
+  for group in algorithm.personalized_models(state.server, state.population):
+    chex.assert_trees_all_equal(client_row(group.params["head"], 1), state.server["head"])
 
 
 def test_lgfedavg_sends_the_head_each_way():

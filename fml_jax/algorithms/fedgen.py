@@ -76,7 +76,8 @@ from fml_jax import losses, settings
 from fml_jax.algorithms.aggregation import weighted_mean
 from fml_jax.algorithms.client_models import ClientModelsAlgorithm
 from fml_jax.algorithms.fedgh import head_logits
-from fml_jax.algorithms.lgfedavg import require_split_models, under_global_head
+from fml_jax.algorithms.lgfedavg import (client_zero_head, require_split_models,
+                                         under_global_head, with_head)
 from fml_jax.algorithms.steps import loss_step
 from fml_jax.errors import ConfigError
 from fml_jax.models import batch_norm, forward
@@ -202,8 +203,7 @@ class FedGen(ClientModelsAlgorithm):
   def init(self, key, group_sizes):
     population = self.init_clients(key)
     # HtFLlib starts the server's head as client 0's.
-    first = int(self.group_of[0])
-    head = jax.tree.map(lambda x: x[0], population[first].params["head"])
+    head = client_zero_head(population, self.group_of)
     nd = self.settings.noise_dim
     generator = dict(self.generator.init(global_model_key(key), jnp.zeros((1, nd)),
                                          jnp.zeros((1,), jnp.int32), train=False))
@@ -219,7 +219,7 @@ class FedGen(ClientModelsAlgorithm):
   def client_update(self, server_state, client_state, client, data, group):
     model = self.groups[group].model
     batch, nd = self.generator_batch(self.config), self.settings.noise_dim
-    state = client_state.replace(params={**client_state.params, "head": server_state["head"]})
+    state = client_state.replace(params=with_head(client_state.params, server_state["head"]))
 
     def step(state, x, y, mask, key):
       noise, fake_y = generator_inputs(jax.random.fold_in(key, GENERATOR_FOLD),

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 from fml_jax import losses, settings
 from fml_jax.algorithms import per_class
 from fml_jax.algorithms.client_models import ClientModelsAlgorithm
-from fml_jax.algorithms.lgfedavg import require_split_models, under_global_head
+from fml_jax.algorithms.lgfedavg import (client_zero_head, require_split_models,
+                                         under_global_head, with_head)
 from fml_jax.algorithms.steps import supervised_step
 from fml_jax.models import features
 from fml_jax.rounds.types import ClientResult
@@ -98,13 +99,12 @@ class FedGH(ClientModelsAlgorithm):
   def init(self, key, group_sizes):
     population = self.init_clients(key)
     # HtFLlib starts the server's head as client 0's.
-    first = int(self.group_of[0])
-    head = jax.tree.map(lambda x: x[0], population[first].params["head"])
+    head = client_zero_head(population, self.group_of)
     return {"head": head}, population
 
   def client_update(self, server_state, client_state, client, data, group):
     model = self.groups[group].model
-    state = client_state.replace(params={**client_state.params, "head": server_state["head"]})
+    state = client_state.replace(params=with_head(client_state.params, server_state["head"]))
     step = supervised_step(model, self.optimizer, lr_scale=self.lr_scale(client))
     state, metrics = self.train(step, state, client, data)
     prototypes, has = class_prototypes(model, state, data, client, self.num_classes,

@@ -5,7 +5,9 @@ layers as the body, features pooled to `feature_dim`, then a Dense head), so the
 have the same shape whatever the architecture (`local_models`, grouped). Each round
 
   1. every client's head is the global head (HtFLlib overwrites all clients' heads
-     when it sends the head; before the first aggregation clients keep their own);
+     when it sends the head; the server's head starts as client 0's initial head, so
+     from the first round every client trains under it, as HtFLlib's current code has
+     it; its earlier code let clients keep their own heads until the first average);
   2. a cohort member trains body and head together with cross-entropy and uploads
      its head;
   3. the server averages the heads, weighted by training examples (HtFLlib's
@@ -20,7 +22,6 @@ experiments; HtFLlib makes only the final Dense layer global, as here.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from fml_jax.algorithms.aggregation import weighted_mean
 from fml_jax.algorithms.client_models import ClientModelsAlgorithm, personalized
@@ -42,17 +43,21 @@ def require_split_models(config, name: str, what: str) -> None:
                       "every client must predict them; leave client_tasks empty")
 
 
-def with_head(params, head, use):
-  """`params` with its `head` replaced by `head` where `use` (a traced bool)."""
-  return {**params, "head": jax.tree.map(lambda g, own: jnp.where(use, g, own), head,
-                                         params["head"])}
+def client_zero_head(population, group_of):
+  """Client 0's initial head: where HtFLlib's server head starts (LG-FedAvg, FedGH,
+  FedGen), given to every client from the first round."""
+  return jax.tree.map(lambda x: x[0], population[int(group_of[0])].params["head"])
 
 
-def under_global_head(groups, group_of, population, head, use=True):
-  """Personalized evaluation of every client's own body under the global `head` (where
-  `use`, a traced bool; else its own head)."""
+def with_head(params, head):
+  """`params` (one client's) with its head replaced by the global `head`."""
+  return {**params, "head": head}
+
+
+def under_global_head(groups, group_of, population, head):
+  """Personalized evaluation of every client's own body under the global `head`."""
   return personalized(groups, group_of, [
-      state.replace(params=jax.vmap(lambda p: with_head(p, head, use))(state.params))
+      state.replace(params=jax.vmap(lambda p: with_head(p, head))(state.params))
       for state in population])
 
 
@@ -72,13 +77,10 @@ class LGFedAvg(ClientModelsAlgorithm):
 
   def init(self, key, group_sizes):
     population = self.init_clients(key)
-    head = jax.tree.map(lambda x: jnp.zeros(x.shape[1:], x.dtype),
-                        population[0].params["head"])
-    return {"head": head, "has_head": jnp.zeros((), bool)}, population
+    return {"head": client_zero_head(population, self.group_of)}, population
 
   def client_update(self, server_state, client_state, client, data, group):
-    state = client_state.replace(params=with_head(client_state.params, server_state["head"],
-                                                  server_state["has_head"]))
+    state = client_state.replace(params=with_head(client_state.params, server_state["head"]))
     step = supervised_step(self.groups[group].model, self.optimizer,
                            lr_scale=self.lr_scale(client))
     state, metrics = self.train(step, state, client, data)
@@ -86,12 +88,10 @@ class LGFedAvg(ClientModelsAlgorithm):
 
   def server_update(self, server_state, uploads, context):
     # Rounds where nobody reports keep the server state (fml_jax/rounds/protocol.py).
-    return {"head": weighted_mean(uploads, context.weights),
-            "has_head": jnp.ones((), bool)}, {}
+    return {"head": weighted_mean(uploads, context.weights)}, {}
 
   def broadcast(self, server_state):
     return server_state["head"]
 
   def personalized_models(self, server_state, population):
-    return under_global_head(self.groups, self.group_of, population, server_state["head"],
-                             server_state["has_head"])
+    return under_global_head(self.groups, self.group_of, population, server_state["head"])
