@@ -149,14 +149,22 @@ def plain_sgd_runner_and_a_random_head(algorithm):
   return config, runner, state, head
 
 
-def test_lgfedavg_client_trains_its_body_under_the_global_head():
-  config, runner, state, head = plain_sgd_runner_and_a_random_head("lgfedavg")
+def head_client_and_plain_sgd(algorithm_name):
+  """One client update of `algorithm_name` under a random global head, and plain SGD on
+  CE from the client's body under that head, restated: (result, restated params,
+  model, client, data)."""
+  config, runner, state, head = plain_sgd_runner_and_a_random_head(algorithm_name)
   algorithm, data = runner.algorithm, runner.data
   (cohort,), _ = runner.begin_round(state)
   client, own = client_row(cohort.clients, 2), client_row(cohort.client_state, 2)
   result = algorithm.client_update({"head": head}, own, client, data, 0)
-  start = {**own.params, "head": head}
-  want = plain_sgd_ce(algorithm.groups[0].model, start, client, data, config)
+  model = algorithm.groups[0].model
+  want = plain_sgd_ce(model, {**own.params, "head": head}, client, data, config)
+  return result, want, model, client, data
+
+
+def test_lgfedavg_client_trains_its_body_under_the_global_head():
+  result, want, _, _, _ = head_client_and_plain_sgd("lgfedavg")
   chex.assert_trees_all_close(result.client_state.params, want, rtol=1e-5, atol=1e-6)
   chex.assert_trees_all_close(result.upload, want["head"])
 
@@ -415,13 +423,7 @@ def assert_inference_prototypes(upload, model, params, client, data):
 
 
 def test_fedgh_client_trains_under_the_global_head_and_uploads_inference_prototypes():
-  config, runner, state, head = plain_sgd_runner_and_a_random_head("fedgh")
-  algorithm, data = runner.algorithm, runner.data
-  (cohort,), _ = runner.begin_round(state)
-  client, own = client_row(cohort.clients, 2), client_row(cohort.client_state, 2)
-  result = algorithm.client_update({"head": head}, own, client, data, 0)
-  model = algorithm.groups[0].model
-  want = plain_sgd_ce(model, {**own.params, "head": head}, client, data, config)
+  result, want, model, client, data = head_client_and_plain_sgd("fedgh")
   chex.assert_trees_all_close(result.client_state.params, want, rtol=1e-5, atol=1e-6)
   # Prototypes: the trained model's inference-mode representation, averaged per class
   # over every training example of the client.
