@@ -22,6 +22,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -38,15 +39,75 @@ def _conv(x, w, padding, precision):
                                   precision=precision)
 
 
+# Layers that read few channels and write few (LeNet-5's 3 -> 6 and 6 -> 16, FedMR's
+# CNNCifar, CNNMnist's first layer) run XLA:CPU's convolution kernel far below its speed
+# on wider layers: LeNet-5's first forward pass took 6.4 ms at batch 64 against PyTorch's
+# 0.6 ms. As the same convolution on a 2x2 space-to-depth grid (4x the channels in and
+# out, a ceil((k + 1) / 2)-wide kernel) it took 2.3 ms; 6 -> 16: 1.15 -> 0.58 ms. Wider
+# layers lose (the FedAvg CNN's 1 -> 32: 0.58x, 32 -> 64: 0.43x), so only layers within
+# these bounds take it (benchmarks/RESULTS.md, "Convnets on the CPU"; conv_layers.py).
+SPACE_TO_DEPTH_MAX_IN = 8
+SPACE_TO_DEPTH_MAX_OUT = 16
+
+
+def uses_space_to_depth(x_shape: tuple, w_shape: tuple) -> bool:
+  """Whether `forward_conv` computes this stride-1 NHWC x HWIO convolution on a 2x2
+  space-to-depth grid (few channels in and out, a kernel of at least 2x2)."""
+  kh, kw, cin, cout = w_shape
+  return cin <= SPACE_TO_DEPTH_MAX_IN and cout <= SPACE_TO_DEPTH_MAX_OUT and min(kh, kw) >= 2
+
+
+def space_to_depth_kernel(w: jax.Array) -> jax.Array:
+  """The kernel of the same convolution on a 2x2 space-to-depth grid: HWIO (kh, kw, ci,
+  co) -> (mh, mw, 4 ci, 4 co), mh = ceil((kh + 1) / 2). Grid input channel (r, q, c) is
+  pixel (2u + r, 2v + q) channel c; grid output channel (a, b, o) is output pixel
+  (2u + a, 2v + b) channel o; tap (m, n) reads kernel entry (2m + r - a, 2n + q - b),
+  zero where that falls outside the kernel."""
+  kh, kw, ci, co = w.shape
+  mh, mw = (kh + 2) // 2, (kw + 2) // 2
+  m, n, r, q, a, b = np.ix_(*(np.arange(k) for k in (mh, mw, 2, 2, 2, 2)))
+  i, j = 2 * m + r - a, 2 * n + q - b
+  inside = (i >= 0) & (i < kh) & (j >= 0) & (j < kw)
+  taps = jnp.where(inside[..., None, None], w[np.where(inside, i, 0), np.where(inside, j, 0)],
+                   0.0)                                      # (mh, mw, r, q, a, b, ci, co)
+  return taps.transpose(0, 1, 2, 3, 6, 4, 5, 7).reshape(mh, mw, 4 * ci, 4 * co)
+
+
+def space_to_depth_conv(x, w, padding, precision=None):
+  """`_conv(x, w, padding)` computed on a 2x2 space-to-depth grid: the padded input's
+  2x2 blocks as channels, one VALID convolution with `space_to_depth_kernel(w)`, the
+  output's channels back to 2x2 blocks (cropped where the output size is odd)."""
+  kh, kw, ci, co = w.shape
+  batch = x.shape[0]
+  (top, bottom), (left, right) = padding
+  out_h, out_w = x.shape[1] + top + bottom - kh + 1, x.shape[2] + left + right - kw + 1
+  grid_h, grid_w = (out_h + 1) // 2 + (kh + 2) // 2 - 1, (out_w + 1) // 2 + (kw + 2) // 2 - 1
+  x = jnp.pad(x, ((0, 0), (top, 2 * grid_h - x.shape[1] - top),
+                  (left, 2 * grid_w - x.shape[2] - left), (0, 0)))
+  x = x.reshape(batch, grid_h, 2, grid_w, 2, ci).transpose(0, 1, 3, 2, 4, 5)
+  y = _conv(x.reshape(batch, grid_h, grid_w, 4 * ci), space_to_depth_kernel(w),
+            ((0, 0), (0, 0)), precision)
+  y = y.reshape(batch, y.shape[1], y.shape[2], 2, 2, co).transpose(0, 1, 3, 2, 4, 5)
+  return y.reshape(batch, 2 * y.shape[1], 2 * y.shape[3], co)[:, :out_h, :out_w]
+
+
+def forward_conv(x, w, padding, precision=None):
+  """The forward convolution of `conv_nhwc`: on the space-to-depth grid where
+  `uses_space_to_depth` says it is faster, XLA's kernel directly otherwise."""
+  if uses_space_to_depth(x.shape, w.shape):
+    return space_to_depth_conv(x, w, padding, precision)
+  return _conv(x, w, padding, precision)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv_nhwc(x: jax.Array, w: jax.Array, padding: tuple, precision=None) -> jax.Array:
   """Stride-1 NHWC x HWIO convolution with explicit ((top, bottom), (left, right))
   padding, each pad below the kernel's size."""
-  return _conv(x, w, padding, precision)
+  return forward_conv(x, w, padding, precision)
 
 
 def _forward(x, w, padding, precision):
-  return _conv(x, w, padding, precision), (x, w)
+  return forward_conv(x, w, padding, precision), (x, w)
 
 
 def _backward(padding, precision, residuals, dy):

@@ -97,3 +97,46 @@ def test_vs_pytorch_quick(tmp_path):
       assert f"| {name} | 4 |" in proc.stdout
     else:
       assert "skipped: torch is not installed" in proc.stdout
+
+
+def _conv_layers_module():
+  sys.path.insert(0, str(REPO / "benchmarks"))
+  import conv_layers  # pylint: disable=g-import-not-at-top
+  return conv_layers
+
+
+def test_conv_layers_finds_every_convolution_and_times_it(tmp_path):
+  conv_layers = _conv_layers_module()
+  # LeNet-5: SAME 5x5 (pads 2) on 32x32x3, pool, VALID 5x5 on 16x16x6; the FedAvg CNN: two
+  # SAME 5x5; the official FML CNN: three VALID 3x3 (30 -> 15 -> 13 -> 6 -> 4).
+  assert conv_layers.conv_layers("lenet5", (32, 32, 3), 4) == [
+      {"input": (4, 32, 32, 3), "kernel": (5, 5, 3, 6), "padding": ((2, 2), (2, 2))},
+      {"input": (4, 16, 16, 6), "kernel": (5, 5, 6, 16), "padding": ((0, 0), (0, 0))}]
+  assert [(l["input"], l["kernel"]) for l in conv_layers.conv_layers("cnn", (28, 28, 1), 2)] == [
+      ((2, 28, 28, 1), (5, 5, 1, 32)), ((2, 14, 14, 32), (5, 5, 32, 64))]
+  assert [l["input"][1:] for l in conv_layers.conv_layers("fml_cnn", (32, 32, 3), 2)] == [
+      (32, 32, 3), (15, 15, 32), (6, 6, 64)]
+  out = tmp_path / "conv_layers.json"
+  conv_layers.main(["--quick", "--no_torch", f"--out={out}"])
+  result = json.loads(out.read_text())
+  assert result["batch_size"] == 8 and len(result["layers"]) == 2
+  for layer in result["layers"]:
+    assert set(layer["fml_jax_ms"]) == {"forward", "dx", "dw"}
+    assert all(ms > 0 for ms in layer["fml_jax_ms"].values())
+    assert "torch_ms" not in layer
+
+
+def test_conv_layers_times_pytorch_on_the_same_convolution():
+  torch = pytest.importorskip("torch", reason="PyTorch is optional (benchmarks)")
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from fml_jax import conv  # pylint: disable=g-import-not-at-top
+  conv_layers = _conv_layers_module()
+  for layer in conv_layers.conv_layers("lenet5", (32, 32, 3), 2):
+    x = np.random.default_rng(0).normal(size=layer["input"]).astype(np.float32)
+    w = np.random.default_rng(1).normal(size=layer["kernel"]).astype(np.float32)
+    ours = np.asarray(conv.conv_nhwc(x, w, layer["padding"]))
+    theirs = conv_layers.torch_conv(torch, layer)(
+        torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(w.transpose(3, 2, 0, 1)))
+    np.testing.assert_allclose(theirs.numpy().transpose(0, 2, 3, 1), ours, rtol=1e-4, atol=1e-4)
+    timed = conv_layers.time_torch(torch, layer, calls=2)
+    assert set(timed) == {"forward", "dx", "dw"} and all(t >= 0 for t in timed.values())

@@ -39,7 +39,50 @@ def test_values_and_gradients_equal_lax(shape, kernel, padding):
   np.testing.assert_allclose(value, ref_value, rtol=1e-5)
   for g, ref in zip(grads, ref_grads):
     assert g.shape == ref.shape
-    np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-5)
+    # Layers with few channels compute the forward pass on a space-to-depth grid: the
+    # same sums in another order, so the gradients agree to float32 rounding of the
+    # largest entry, not entry by entry.
+    np.testing.assert_allclose(g, ref, rtol=1e-4, atol=2e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("shape,kernel,padding", [
+    ((4, 32, 32, 3), (5, 5, 3, 6), ((2, 2), (2, 2))),    # LeNet-5's first layer
+    ((4, 16, 16, 6), (5, 5, 6, 16), ((0, 0), (0, 0))),   # its second
+    ((2, 13, 10, 1), (5, 5, 1, 6), ((2, 2), (2, 2))),    # odd output height
+    ((2, 9, 11, 2), (3, 3, 2, 5), ((1, 0), (2, 1))),     # asymmetric pads, odd sizes
+    ((3, 8, 8, 4), (4, 2, 4, 3), ((1, 2), (0, 1))),      # even kernel sizes
+    ((1, 7, 7, 3), (7, 7, 3, 2), ((3, 3), (3, 3))),
+    ((2, 6, 5, 2), (2, 2, 2, 2), ((0, 0), (0, 0))),
+])
+def test_space_to_depth_equals_the_plain_convolution(shape, kernel, padding):
+  kx, kw = jax.random.split(jax.random.PRNGKey(3))
+  x, w = jax.random.normal(kx, shape), jax.random.normal(kw, kernel)
+  plain = lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=DN)
+  grid = jax.jit(conv.space_to_depth_conv, static_argnums=2)(x, w, padding)
+  assert grid.shape == plain.shape
+  np.testing.assert_allclose(grid, plain, rtol=1e-5, atol=1e-5)
+  # The grid kernel, entry by entry: tap (m, n), input (r, q, c), output (a, b, o) holds
+  # w[2m + r - a, 2n + q - b, c, o] inside the kernel and 0 outside.
+  big = np.asarray(conv.space_to_depth_kernel(w))
+  kh, kw_, ci, co = kernel
+  for m, n, r, q, a, b in np.ndindex(big.shape[0], big.shape[1], 2, 2, 2, 2):
+    i, j = 2 * m + r - a, 2 * n + q - b
+    expected = w[i, j] if 0 <= i < kh and 0 <= j < kw_ else np.zeros((ci, co))
+    block = big[m, n].reshape(2, 2, ci, 2, 2, co)[r, q, :, a, b, :]
+    np.testing.assert_array_equal(block, expected)
+
+
+def test_which_layers_take_the_space_to_depth_grid():
+  assert conv.uses_space_to_depth((64, 32, 32, 3), (5, 5, 3, 6))      # LeNet-5
+  assert conv.uses_space_to_depth((64, 16, 16, 6), (5, 5, 6, 16))
+  assert not conv.uses_space_to_depth((64, 28, 28, 1), (5, 5, 1, 32))  # the FedAvg CNN
+  assert not conv.uses_space_to_depth((64, 14, 14, 32), (5, 5, 32, 64))
+  assert not conv.uses_space_to_depth((64, 12, 12, 16), (5, 5, 16, 6))  # LeNet-5's dx
+  assert not conv.uses_space_to_depth((4, 8, 8, 3), (1, 1, 3, 6))      # 1x1: nothing to gain
+  # LeNet-5's first forward pass convolves the grid with a 3x3 kernel of 12 -> 24 channels.
+  x, w = jnp.ones((2, 32, 32, 3)), jnp.ones((5, 5, 3, 6))
+  forward = str(jax.make_jaxpr(lambda x, w: conv.conv_nhwc(x, w, ((2, 2), (2, 2))))(x, w))
+  assert "f32[3,3,12,24]" in forward
 
 
 def test_cases_it_does_not_cover_fall_back_to_lax():

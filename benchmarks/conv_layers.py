@@ -1,0 +1,181 @@
+r"""Each convolution of a model, timed alone: forward, input gradient, weight gradient.
+
+  python benchmarks/conv_layers.py                          # cnn (MNIST), lenet5 (CIFAR-10)
+  python benchmarks/conv_layers.py --models=fml_cnn --batch_size=128
+  XLA_FLAGS=--xla_cpu_use_onednn=true python benchmarks/conv_layers.py   # a flag's effect
+  python benchmarks/conv_layers.py --quick                  # one model, few calls (tests)
+
+Where a convnet's training step goes on a CPU is mostly in its convolutions
+(benchmarks/RESULTS.md, "Convnets on the CPU"). This script finds each `Conv` of a
+model zoo entry by tracing it once, then times, jitted alone at the given batch size,
+the three convolutions of a training step as fml_jax runs them (`fml_jax.conv.conv_nhwc`
+and its custom gradients): the forward pass, the gradient with respect to the input
+(`dx`; XLA drops it for a first layer, whose input needs none) and with respect to the
+kernel (`dw`). With PyTorch installed, the same three through `torch.nn.functional.conv2d`
+and autograd beside them (NCHW, PyTorch's own threads), so a per-layer ratio says which
+kernel loses. Median of `--calls` calls after one warm-up. Prints a markdown table,
+writes JSON. XLA flags are read from the environment as usual, so running it twice
+with different `XLA_FLAGS` compares them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import flax.linen as nn  # pylint: disable=g-import-not-at-top
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+
+from fml_jax import conv  # pylint: disable=g-import-not-at-top
+from fml_jax.models import build_model  # pylint: disable=g-import-not-at-top
+from round_time import cpu_name  # pylint: disable=g-import-not-at-top  (benchmarks/)
+
+# model -> the image shape it is timed on (the dataset its jobs in vs_pytorch.py use)
+INPUTS = {"cnn": (28, 28, 1), "lenet5": (32, 32, 3), "fml_cnn": (32, 32, 3),
+          "cnn_cifar": (32, 32, 3), "cnn_mnist": (28, 28, 1)}
+
+
+def conv_layers(model_name: str, image_shape: tuple, batch_size: int) -> list[dict]:
+  """Every `nn.Conv` the model calls, in call order: input shape, kernel shape, padding
+  as ((top, bottom), (left, right)). Found by tracing the model once (no compute)."""
+  model = build_model(model_name, 10, image_shape)
+  found = []
+
+  def record(next_fun, args, kwargs, context):
+    module = context.module
+    if isinstance(module, nn.Conv) and context.method_name == "__call__":
+      x = args[0]
+      kernel = tuple(module.kernel_size) + (x.shape[-1], module.features)
+      if any(s != 1 for s in np.atleast_1d(module.strides or 1)):
+        raise ValueError(f"{model_name}: strided convolutions are not timed here")
+      pads = (jax.lax.padtype_to_pads(x.shape[1:3], kernel[:2], (1, 1), module.padding)
+              if isinstance(module.padding, str) else module.padding)
+      found.append({"input": tuple(x.shape), "kernel": kernel,
+                    "padding": tuple((int(lo), int(hi)) for lo, hi in pads)})
+    return next_fun(*args, **kwargs)
+
+  x = jax.ShapeDtypeStruct((batch_size,) + tuple(image_shape), jnp.float32)
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), x)
+  return found
+
+
+def median_ms(fn, args, calls: int) -> float:
+  jax.block_until_ready(fn(*args))   # compile and warm up
+  times = []
+  for _ in range(calls):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times) * 1e3
+
+
+def time_fml_jax(layer: dict, calls: int) -> dict:
+  padding = layer["padding"]
+  x = jax.random.normal(jax.random.PRNGKey(0), layer["input"])
+  w = jax.random.normal(jax.random.PRNGKey(1), layer["kernel"]) * 0.1
+  out = jax.eval_shape(lambda x, w: conv.conv_nhwc(x, w, padding), x, w)
+  dy = jax.random.normal(jax.random.PRNGKey(2), out.shape)
+  forward = jax.jit(lambda x, w: conv.conv_nhwc(x, w, padding))
+  vjp = lambda x, w, dy: jax.vjp(lambda x, w: conv.conv_nhwc(x, w, padding), x, w)[1](dy)
+  dx = jax.jit(lambda x, w, dy: vjp(x, w, dy)[0])
+  dw = jax.jit(lambda x, w, dy: vjp(x, w, dy)[1])
+  return {"forward": median_ms(forward, (x, w), calls), "dx": median_ms(dx, (x, w, dy), calls),
+          "dw": median_ms(dw, (x, w, dy), calls)}
+
+
+def torch_conv(torch, layer: dict):
+  """The layer's convolution in PyTorch: NCHW input, OIHW kernel, the same padding."""
+  (top, bottom), (left, right) = layer["padding"]
+  return lambda x, w: torch.nn.functional.conv2d(
+      torch.nn.functional.pad(x, (left, right, top, bottom)), w)
+
+
+def time_torch(torch, layer: dict, calls: int) -> dict:
+  b, h, w_, c = layer["input"]
+  kh, kw, ci, co = layer["kernel"]
+  x = torch.randn(b, c, h, w_, requires_grad=True)
+  w = (torch.randn(co, ci, kh, kw) * 0.1).requires_grad_(True)
+  conv2d = torch_conv(torch, layer)
+  dy = torch.randn_like(conv2d(x, w))
+
+  def timed(fn) -> float:
+    fn()
+    times = []
+    for _ in range(calls):
+      start = time.perf_counter()
+      fn()
+      times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+  with torch.no_grad():
+    forward = timed(lambda: conv2d(x, w))
+  dx = timed(lambda: torch.autograd.grad(conv2d(x, w.detach()), x, dy))
+  dw = timed(lambda: torch.autograd.grad(conv2d(x.detach(), w), w, dy))
+  # autograd's two timings include a forward pass: take it out, as fml_jax's exclude it.
+  return {"forward": forward, "dx": max(dx - forward, 0.0), "dw": max(dw - forward, 0.0)}
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--models", default="cnn,lenet5", help=f"comma-separated: {', '.join(INPUTS)}")
+  parser.add_argument("--batch_size", type=int, default=64)
+  parser.add_argument("--calls", type=int, default=30, help="timed calls per measurement")
+  parser.add_argument("--quick", action="store_true", help="lenet5 at batch 8, 3 calls")
+  parser.add_argument("--no_torch", action="store_true", help="time fml_jax only")
+  parser.add_argument("--out", default="benchmarks/results/conv_layers.json")
+  args = parser.parse_args(argv)
+  models = ["lenet5"] if args.quick else args.models.split(",")
+  batch, calls = (8, 3) if args.quick else (args.batch_size, args.calls)
+  unknown = sorted(set(models) - set(INPUTS))
+  if unknown:
+    parser.error(f"--models: unknown {unknown}; allowed: {', '.join(INPUTS)}")
+  torch = None
+  if not args.no_torch:
+    try:
+      import torch  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      print("PyTorch is not installed: its columns are left empty (pip install torch)")
+
+  rows = []
+  for name in models:
+    for i, layer in enumerate(conv_layers(name, INPUTS[name], batch)):
+      row = {"model": name, "layer": i + 1, **layer, "fml_jax_ms": time_fml_jax(layer, calls)}
+      if torch is not None:
+        row["torch_ms"] = time_torch(torch, layer, calls)
+      rows.append(row)
+
+  print(f"\n{cpu_name()}, {os.cpu_count()} cores, jax {jax.__version__}, batch {batch}, "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; median of {calls} calls, ms\n")
+  print("| model | layer | input (NHWC) | kernel (HWIO) | forward | dx | dw | PyTorch forward / dx / dw |")
+  print("|---|---|---|---|---|---|---|---|")
+  for r in rows:
+    t = r["fml_jax_ms"]
+    p = r.get("torch_ms")
+    theirs = f"{p['forward']:.2f} / {p['dx']:.2f} / {p['dw']:.2f}" if p else "n/a"
+    print(f"| {r['model']} | {r['layer']} | {'x'.join(map(str, r['input']))} | "
+          f"{'x'.join(map(str, r['kernel']))} | {t['forward']:.2f} | {t['dx']:.2f} | "
+          f"{t['dw']:.2f} | {theirs} |")
+  out = Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps({
+      "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
+                  "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                  "torch": getattr(torch, "__version__", None)},
+      "batch_size": batch, "calls": calls, "layers": rows}, indent=1))
+  print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+  main()
