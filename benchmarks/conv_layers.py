@@ -13,7 +13,10 @@ and its custom gradients): the forward pass, the gradient with respect to the in
 (`dx`; XLA drops it for a first layer, whose input needs none) and with respect to the
 kernel (`dw`). With PyTorch installed, the same three through `torch.nn.functional.conv2d`
 and autograd beside them (NCHW, PyTorch's own threads), so a per-layer ratio says which
-kernel loses. Median of `--calls` calls after one warm-up. Prints a markdown table,
+kernel loses. The last column times the forward pass both ways fml_jax can run it, XLA's
+kernel on the layer as it is and on the 2x2 space-to-depth grid, and names the one
+training takes (`fml_jax.conv.uses_space_to_depth`). Median of `--calls` calls after one
+warm-up. Prints a markdown table,
 writes JSON. XLA flags are read from the environment as usual, so running it twice
 with different `XLA_FLAGS` compares them.
 """
@@ -71,28 +74,38 @@ def conv_layers(model_name: str, image_shape: tuple, batch_size: int) -> list[di
   return found
 
 
-def median_ms(fn, args, calls: int) -> float:
-  jax.block_until_ready(fn(*args))   # compile and warm up
+def median_ms(call, calls: int) -> float:
+  """Median wall time of `call()` over `calls` calls after one warm-up (which compiles),
+  in ms; `call` blocks until its result is ready."""
+  call()
   times = []
   for _ in range(calls):
     start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
+    call()
     times.append(time.perf_counter() - start)
   return statistics.median(times) * 1e3
 
 
 def time_fml_jax(layer: dict, calls: int) -> dict:
+  """The training step's three convolutions as fml_jax runs them, and the forward pass
+  both ways: XLA's kernel on the layer as it is (`plain_forward`) and on the space-to-
+  depth grid (`grid_forward`), whichever `conv.uses_space_to_depth` picks for training."""
   padding = layer["padding"]
   x = jax.random.normal(jax.random.PRNGKey(0), layer["input"])
   w = jax.random.normal(jax.random.PRNGKey(1), layer["kernel"]) * 0.1
   out = jax.eval_shape(lambda x, w: conv.conv_nhwc(x, w, padding), x, w)
   dy = jax.random.normal(jax.random.PRNGKey(2), out.shape)
-  forward = jax.jit(lambda x, w: conv.conv_nhwc(x, w, padding))
   vjp = lambda x, w, dy: jax.vjp(lambda x, w: conv.conv_nhwc(x, w, padding), x, w)[1](dy)
-  dx = jax.jit(lambda x, w, dy: vjp(x, w, dy)[0])
-  dw = jax.jit(lambda x, w, dy: vjp(x, w, dy)[1])
-  return {"forward": median_ms(forward, (x, w), calls), "dx": median_ms(dx, (x, w, dy), calls),
-          "dw": median_ms(dw, (x, w, dy), calls)}
+  functions = {
+      "forward": (jax.jit(lambda x, w: conv.conv_nhwc(x, w, padding)), (x, w)),
+      "dx": (jax.jit(lambda x, w, dy: vjp(x, w, dy)[0]), (x, w, dy)),
+      "dw": (jax.jit(lambda x, w, dy: vjp(x, w, dy)[1]), (x, w, dy)),
+      "plain_forward": (jax.jit(lambda x, w: jax.lax.conv_general_dilated(
+          x, w, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))), (x, w)),
+      "grid_forward": (jax.jit(lambda x, w: conv.space_to_depth_conv(x, w, padding)), (x, w)),
+  }
+  return {name: median_ms(lambda f=f, a=a: jax.block_until_ready(f(*a)), calls)
+          for name, (f, a) in functions.items()}
 
 
 def torch_conv(torch, layer: dict):
@@ -110,19 +123,10 @@ def time_torch(torch, layer: dict, calls: int) -> dict:
   conv2d = torch_conv(torch, layer)
   dy = torch.randn_like(conv2d(x, w))
 
-  def timed(fn) -> float:
-    fn()
-    times = []
-    for _ in range(calls):
-      start = time.perf_counter()
-      fn()
-      times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
   with torch.no_grad():
-    forward = timed(lambda: conv2d(x, w))
-  dx = timed(lambda: torch.autograd.grad(conv2d(x, w.detach()), x, dy))
-  dw = timed(lambda: torch.autograd.grad(conv2d(x.detach(), w), w, dy))
+    forward = median_ms(lambda: conv2d(x, w), calls)
+  dx = median_ms(lambda: torch.autograd.grad(conv2d(x, w.detach()), x, dy), calls)
+  dw = median_ms(lambda: torch.autograd.grad(conv2d(x.detach(), w), w, dy), calls)
   # autograd's two timings include a forward pass: take it out, as fml_jax's exclude it.
   return {"forward": forward, "dx": max(dx - forward, 0.0), "dw": max(dw - forward, 0.0)}
 
@@ -158,15 +162,17 @@ def main(argv=None) -> None:
 
   print(f"\n{cpu_name()}, {os.cpu_count()} cores, jax {jax.__version__}, batch {batch}, "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; median of {calls} calls, ms\n")
-  print("| model | layer | input (NHWC) | kernel (HWIO) | forward | dx | dw | PyTorch forward / dx / dw |")
-  print("|---|---|---|---|---|---|---|---|")
+  print("| model | layer | input (NHWC) | kernel (HWIO) | forward | dx | dw | PyTorch forward / dx / dw "
+        "| forward: XLA's kernel / the grid (taken) |")
+  print("|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     t = r["fml_jax_ms"]
     p = r.get("torch_ms")
     theirs = f"{p['forward']:.2f} / {p['dx']:.2f} / {p['dw']:.2f}" if p else "n/a"
     print(f"| {r['model']} | {r['layer']} | {'x'.join(map(str, r['input']))} | "
           f"{'x'.join(map(str, r['kernel']))} | {t['forward']:.2f} | {t['dx']:.2f} | "
-          f"{t['dw']:.2f} | {theirs} |")
+          f"{t['dw']:.2f} | {theirs} | {t['plain_forward']:.2f} / {t['grid_forward']:.2f} "
+          f"({'grid' if conv.uses_space_to_depth(r['kernel']) else 'XLA'}) |")
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps({

@@ -40,21 +40,22 @@ def _conv(x, w, padding, precision):
 
 
 # Layers that read few channels and write few (LeNet-5's 3 -> 6 and 6 -> 16, FedMR's
-# CNNCifar, CNNMnist's first layer) run XLA:CPU's convolution kernel far below its speed
-# on wider layers: LeNet-5's first forward pass took 6.4 ms at batch 64 against PyTorch's
-# 0.6 ms. As the same convolution on a 2x2 space-to-depth grid (4x the channels in and
-# out, a ceil((k + 1) / 2)-wide kernel) it took 2.3 ms; 6 -> 16: 1.15 -> 0.58 ms. Wider
-# layers lose (the FedAvg CNN's 1 -> 32: 0.58x, 32 -> 64: 0.43x), so only layers within
-# these bounds take it (benchmarks/RESULTS.md, "Convnets on the CPU"; conv_layers.py).
+# CNNCifar) run XLA:CPU's convolution kernel far below its speed
+# on wider layers, and far below PyTorch's; the same convolution on a 2x2 space-to-depth
+# grid (4x the channels in and out, a ceil((k + 1) / 2)-wide kernel) runs several times
+# faster there, while wider layers lose on the grid, hence the bounds. Measured on the
+# CPU only, so other backends keep XLA's kernel (benchmarks/RESULTS.md, "Where a convnet
+# step loses, layer by layer"; `benchmarks/conv_layers.py` times both forms per layer).
 SPACE_TO_DEPTH_MAX_IN = 8
 SPACE_TO_DEPTH_MAX_OUT = 16
 
 
-def uses_space_to_depth(x_shape: tuple, w_shape: tuple) -> bool:
+def uses_space_to_depth(w_shape: tuple) -> bool:
   """Whether `forward_conv` computes this stride-1 NHWC x HWIO convolution on a 2x2
-  space-to-depth grid (few channels in and out, a kernel of at least 2x2)."""
+  space-to-depth grid (on the CPU; few channels in and out, a kernel of at least 2x2)."""
   kh, kw, cin, cout = w_shape
-  return cin <= SPACE_TO_DEPTH_MAX_IN and cout <= SPACE_TO_DEPTH_MAX_OUT and min(kh, kw) >= 2
+  return (jax.default_backend() == "cpu" and cin <= SPACE_TO_DEPTH_MAX_IN
+          and cout <= SPACE_TO_DEPTH_MAX_OUT and min(kh, kw) >= 2)
 
 
 def space_to_depth_kernel(w: jax.Array) -> jax.Array:
@@ -94,7 +95,7 @@ def space_to_depth_conv(x, w, padding, precision=None):
 def forward_conv(x, w, padding, precision=None):
   """The forward convolution of `conv_nhwc`: on the space-to-depth grid where
   `uses_space_to_depth` says it is faster, XLA's kernel directly otherwise."""
-  if uses_space_to_depth(x.shape, w.shape):
+  if uses_space_to_depth(w.shape):
     return space_to_depth_conv(x, w, padding, precision)
   return _conv(x, w, padding, precision)
 

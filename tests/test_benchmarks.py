@@ -121,7 +121,7 @@ def test_conv_layers_finds_every_convolution_and_times_it(tmp_path):
   result = json.loads(out.read_text())
   assert result["batch_size"] == 8 and len(result["layers"]) == 2
   for layer in result["layers"]:
-    assert set(layer["fml_jax_ms"]) == {"forward", "dx", "dw"}
+    assert set(layer["fml_jax_ms"]) == {"forward", "dx", "dw", "plain_forward", "grid_forward"}
     assert all(ms > 0 for ms in layer["fml_jax_ms"].values())
     assert "torch_ms" not in layer
 

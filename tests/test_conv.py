@@ -73,12 +73,12 @@ def test_space_to_depth_equals_the_plain_convolution(shape, kernel, padding):
 
 
 def test_which_layers_take_the_space_to_depth_grid():
-  assert conv.uses_space_to_depth((64, 32, 32, 3), (5, 5, 3, 6))      # LeNet-5
-  assert conv.uses_space_to_depth((64, 16, 16, 6), (5, 5, 6, 16))
-  assert not conv.uses_space_to_depth((64, 28, 28, 1), (5, 5, 1, 32))  # the FedAvg CNN
-  assert not conv.uses_space_to_depth((64, 14, 14, 32), (5, 5, 32, 64))
-  assert not conv.uses_space_to_depth((64, 12, 12, 16), (5, 5, 16, 6))  # LeNet-5's dx
-  assert not conv.uses_space_to_depth((4, 8, 8, 3), (1, 1, 3, 6))      # 1x1: nothing to gain
+  assert conv.uses_space_to_depth((5, 5, 3, 6))      # LeNet-5
+  assert conv.uses_space_to_depth((5, 5, 6, 16))
+  assert not conv.uses_space_to_depth((5, 5, 1, 32))  # the FedAvg CNN
+  assert not conv.uses_space_to_depth((5, 5, 32, 64))
+  assert not conv.uses_space_to_depth((5, 5, 16, 6))  # LeNet-5's dx
+  assert not conv.uses_space_to_depth((1, 1, 3, 6))      # 1x1: nothing to gain
   # LeNet-5's first forward pass convolves the grid with a 3x3 kernel of 12 -> 24 channels.
   x, w = jnp.ones((2, 32, 32, 3)), jnp.ones((5, 5, 3, 6))
   forward = str(jax.make_jaxpr(lambda x, w: conv.conv_nhwc(x, w, ((2, 2), (2, 2))))(x, w))
