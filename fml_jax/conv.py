@@ -4,8 +4,8 @@ Local training scans over steps (`lax.scan`). On XLA:CPU the two convolutions th
 JAX's autodiff emits for a convolution's gradients (dimension labels such as
 `f01b_i01o->01bf`) are rewritten into the NHWC/HWIO form its fast (Eigen) kernels
 take when the step is jitted alone, but not inside a loop body: there they run on
-a naive emitter. One CNN training step then takes ~0.7 s in a scan against
-~0.035 s alone (benchmarks/RESULTS.md).
+a naive emitter, and a CNN training step in a scan takes about twenty times as long
+as alone (benchmarks/RESULTS.md, "What made the CPU path faster").
 
 `conv_general_dilated` here computes the same convolution and spells its
 gradients as NHWC/HWIO convolutions of transposed operands, so every convolution
@@ -29,8 +29,8 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 
 # The weight gradient contracts over the batch, which its convolution takes as input
 # channels. XLA:CPU's kernel slows down sharply when there are many: for the FedAvg
-# CNN's second layer at batch 64, 52 ms in one convolution against 19 ms as the sum
-# of four over 16 examples each (benchmarks/RESULTS.md, "Convnets on the CPU").
+# CNN's second layer at batch 64, four convolutions over 16 examples each take well under
+# half the time of one over all 64 (benchmarks/RESULTS.md, "Convnets on the CPU").
 WEIGHT_GRAD_BATCH_CHUNK = 16
 
 
