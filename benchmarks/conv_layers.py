@@ -13,9 +13,10 @@ and its custom gradients): the forward pass, the gradient with respect to the in
 (`dx`; XLA drops it for a first layer, whose input needs none) and with respect to the
 kernel (`dw`). With PyTorch installed, the same three through `torch.nn.functional.conv2d`
 and autograd beside them (NCHW, PyTorch's own threads), so a per-layer ratio says which
-kernel loses. The last column times the forward pass both ways fml_jax can run it, XLA's
-kernel on the layer as it is and on the 2x2 space-to-depth grid, and names the one
-training takes (`fml_jax.conv.uses_space_to_depth`). Median of `--calls` calls after one
+kernel loses. The last two columns time the forward pass every way fml_jax can run
+it (XLA's kernel on the layer as it is, on the 2x2 space-to-depth grid, one matmul over
+the input's patches) and the weight gradient both ways (XLA's kernel over batch chunks,
+the patches' matmul), and name the one training takes (`fml_jax.conv.conv_form`). Median of `--calls` calls after one
 warm-up. Prints a markdown table,
 writes JSON. XLA flags are read from the environment as usual, so running it twice
 with different `XLA_FLAGS` compares them.
@@ -87,9 +88,10 @@ def median_ms(call, calls: int) -> float:
 
 
 def time_fml_jax(layer: dict, calls: int) -> dict:
-  """The training step's three convolutions as fml_jax runs them, and the forward pass
-  both ways: XLA's kernel on the layer as it is (`plain_forward`) and on the space-to-
-  depth grid (`grid_forward`), whichever `conv.uses_space_to_depth` picks for training."""
+  """The training step's three convolutions as fml_jax runs them; the forward pass every
+  way: XLA's kernel on the layer as it is (`plain_forward`), on the space-to-depth grid
+  (`grid_forward`), as the patches' matmul (`im2col_forward`); the weight gradient both
+  ways (`plain_dw`, `im2col_dw`)."""
   padding = layer["padding"]
   x = jax.random.normal(jax.random.PRNGKey(0), layer["input"])
   w = jax.random.normal(jax.random.PRNGKey(1), layer["kernel"]) * 0.1
@@ -103,9 +105,18 @@ def time_fml_jax(layer: dict, calls: int) -> dict:
       "plain_forward": (jax.jit(lambda x, w: jax.lax.conv_general_dilated(
           x, w, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))), (x, w)),
       "grid_forward": (jax.jit(lambda x, w: conv.space_to_depth_conv(x, w, padding)), (x, w)),
+      "im2col_forward": (jax.jit(lambda x, w: conv.im2col_conv(x, w, padding)), (x, w)),
+      "plain_dw": (jax.jit(lambda x, dy: conv.chunked_weight_grad(x, dy, padding)), (x, dy)),
+      "im2col_dw": (jax.jit(lambda x, dy: conv.im2col_weight_grad(x, dy, w.shape, padding)),
+                    (x, dy)),
   }
   return {name: median_ms(lambda f=f, a=a: jax.block_until_ready(f(*a)), calls)
           for name, (f, a) in functions.items()}
+
+
+def forward_form(kernel) -> str:
+  """The forward pass's form in training (`conv.conv_form`), as the table names it."""
+  return {"im2col": "im2col", "space_to_depth": "grid", "xla": "XLA"}[conv.conv_form(kernel)]
 
 
 def torch_conv(torch, layer: dict):
@@ -163,16 +174,17 @@ def main(argv=None) -> None:
   print(f"\n{cpu_name()}, {os.cpu_count()} cores, jax {jax.__version__}, batch {batch}, "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; median of {calls} calls, ms\n")
   print("| model | layer | input (NHWC) | kernel (HWIO) | forward | dx | dw | PyTorch forward / dx / dw "
-        "| forward: XLA's kernel / the grid (taken) |")
-  print("|---|---|---|---|---|---|---|---|---|")
+        "| forward: XLA's kernel / the grid / im2col (taken) | dw: XLA's kernel / im2col (taken) |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     t = r["fml_jax_ms"]
     p = r.get("torch_ms")
     theirs = f"{p['forward']:.2f} / {p['dx']:.2f} / {p['dw']:.2f}" if p else "n/a"
     print(f"| {r['model']} | {r['layer']} | {'x'.join(map(str, r['input']))} | "
           f"{'x'.join(map(str, r['kernel']))} | {t['forward']:.2f} | {t['dx']:.2f} | "
-          f"{t['dw']:.2f} | {theirs} | {t['plain_forward']:.2f} / {t['grid_forward']:.2f} "
-          f"({'grid' if conv.uses_space_to_depth(r['kernel']) else 'XLA'}) |")
+          f"{t['dw']:.2f} | {theirs} | {t['plain_forward']:.2f} / {t['grid_forward']:.2f} / "
+          f"{t['im2col_forward']:.2f} ({forward_form(r['kernel'])}) | {t['plain_dw']:.2f} / "
+          f"{t['im2col_dw']:.2f} ({'im2col' if conv.conv_form(r['kernel']) == 'im2col' else 'XLA'}) |")
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps({

@@ -18,6 +18,7 @@ ranks) to `lax.conv_general_dilated` unchanged. The gradients equal autodiff's
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -92,26 +93,104 @@ def space_to_depth_conv(x, w, padding, precision=None):
   return y.reshape(batch, 2 * y.shape[1], 2 * y.shape[3], co)[:, :out_h, :out_w]
 
 
-def forward_conv(x, w, padding, precision=None):
-  """The forward convolution of `conv_nhwc`: on the space-to-depth grid where
-  `uses_space_to_depth` says it is faster, XLA's kernel directly otherwise."""
-  if uses_space_to_depth(w.shape):
+# A 3x3 kernel over an RGB image (the official FML CNN's first layer on CIFAR-10) reads
+# 27 numbers per output pixel: as one matmul over the image's patches (im2col) its
+# forward pass and weight gradient run several times faster than XLA:CPU's convolution,
+# the patches being small; with more channels or a wider kernel the patches grow with
+# them and the matmul loses (benchmarks/RESULTS.md, "im2col for small patches";
+# `benchmarks/conv_layers.py` times both forms per layer). CPU only, as above.
+IM2COL_MAX_PATCH = 27
+
+
+def uses_im2col(w_shape: tuple) -> bool:
+  """Whether `conv_nhwc` computes this layer's forward pass and weight gradient as one
+  matmul over the input's patches (on the CPU; at most IM2COL_MAX_PATCH numbers per
+  patch, read from more than one channel)."""
+  kh, kw, cin, _ = w_shape
+  return (jax.default_backend() == "cpu" and cin > 1
+          and kh * kw * cin <= IM2COL_MAX_PATCH)
+
+
+def im2col_patches(x, kernel_size, padding):
+  """The padded input's (kh, kw) patches, one row per output pixel: (N * Ho * Wo,
+  kh * kw * C), entries in the kernel's HWI order."""
+  kh, kw = kernel_size
+  x = jnp.pad(x, ((0, 0),) + tuple(padding) + ((0, 0),))
+  out_h, out_w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+  # The kernel's columns first, then its rows over those: XLA:CPU copies a few wide
+  # slices faster than kh * kw slices of C channels each (same patches).
+  columns = jnp.concatenate([x[:, :, j:j + out_w, :] for j in range(kw)], axis=-1)
+  patches = jnp.concatenate([columns[:, i:i + out_h] for i in range(kh)], axis=-1)
+  return patches.reshape(-1, patches.shape[-1]), (x.shape[0], out_h, out_w)
+
+
+def im2col_conv(x, w, padding, precision=None):
+  """`_conv(x, w, padding)` as one matmul: the input's patches times the kernel."""
+  patches, out_shape = im2col_patches(x, w.shape[:2], padding)
+  y = jnp.dot(patches, w.reshape(-1, w.shape[3]), precision=precision)
+  return y.reshape(*out_shape, w.shape[3])
+
+
+def im2col_weight_grad(x, dy, kernel_shape, padding, precision=None):
+  """The weight gradient of `_conv(x, w, padding)` for output gradient `dy`: the
+  input's patches, transposed, times `dy`."""
+  patches, _ = im2col_patches(x, kernel_shape[:2], padding)
+  dw = jnp.dot(patches.T, dy.reshape(-1, dy.shape[3]), precision=precision)
+  return dw.reshape(kernel_shape)
+
+
+@contextlib.contextmanager
+def cpu_forms(im2col: bool = True, space_to_depth: bool = True):
+  """Within this block, convolutions traced take only the CPU forms allowed here (XLA's
+  kernel where none is): for A/B timings of one job (benchmarks/round_time.py
+  --conv_forms). A jitted function keeps the forms of its first trace."""
+  global IM2COL_MAX_PATCH, SPACE_TO_DEPTH_MAX_IN
+  saved = IM2COL_MAX_PATCH, SPACE_TO_DEPTH_MAX_IN
+  IM2COL_MAX_PATCH = saved[0] if im2col else 0
+  SPACE_TO_DEPTH_MAX_IN = saved[1] if space_to_depth else 0
+  try:
+    yield
+  finally:
+    IM2COL_MAX_PATCH, SPACE_TO_DEPTH_MAX_IN = saved
+
+
+def conv_form(w_shape: tuple) -> str:
+  """How `conv_nhwc` computes a layer with this kernel: "im2col" (forward pass and
+  weight gradient as matmuls over patches), "space_to_depth" (the forward pass on the
+  2x2 grid) or "xla" (XLA's kernel)."""
+  if uses_im2col(w_shape):
+    return "im2col"
+  return "space_to_depth" if uses_space_to_depth(w_shape) else "xla"
+
+
+def forward_conv(x, w, padding, precision=None, form="xla"):
+  """The forward convolution of `conv_nhwc` in the given `conv_form`."""
+  if form == "im2col":
+    return im2col_conv(x, w, padding, precision)
+  if form == "space_to_depth":
     return space_to_depth_conv(x, w, padding, precision)
   return _conv(x, w, padding, precision)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv_nhwc(x: jax.Array, w: jax.Array, padding: tuple, precision=None) -> jax.Array:
   """Stride-1 NHWC x HWIO convolution with explicit ((top, bottom), (left, right))
-  padding, each pad below the kernel's size."""
-  return forward_conv(x, w, padding, precision)
+  padding, each pad below the kernel's size, in the form `conv_form` picks for it.
+
+  The form is chosen here and passed on as a static argument, so that JAX's caches of
+  traced functions keep one trace per form."""
+  return _conv_nhwc(x, w, padding, precision, conv_form(w.shape))
 
 
-def _forward(x, w, padding, precision):
-  return forward_conv(x, w, padding, precision), (x, w)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_nhwc(x, w, padding, precision, form):
+  return forward_conv(x, w, padding, precision, form)
 
 
-def _backward(padding, precision, residuals, dy):
+def _forward(x, w, padding, precision, form):
+  return forward_conv(x, w, padding, precision, form), (x, w)
+
+
+def _backward(padding, precision, form, residuals, dy):
   x, w = residuals
   kh, kw = w.shape[:2]
   (top, bottom), (left, right) = padding
@@ -119,18 +198,25 @@ def _backward(padding, precision, residuals, dy):
   w_flipped = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
   dx = _conv(dy, w_flipped, ((kh - 1 - top, kh - 1 - bottom), (kw - 1 - left, kw - 1 - right)),
              precision)
-  # d/dw: the input's channels as the batch and its examples as the contraction,
-  # summed over chunks of WEIGHT_GRAD_BATCH_CHUNK examples.
+  if form == "im2col":
+    return dx, im2col_weight_grad(x, dy, w.shape, padding, precision)
+  return dx, chunked_weight_grad(x, dy, padding, precision)
+
+
+def chunked_weight_grad(x, dy, padding, precision=None):
+  """The weight gradient as XLA:CPU's convolution: the input's channels as the batch
+  and its examples as the contraction, summed over chunks of WEIGHT_GRAD_BATCH_CHUNK
+  examples."""
   dw = None
   for start in range(0, x.shape[0], WEIGHT_GRAD_BATCH_CHUNK):
     part = slice(start, start + WEIGHT_GRAD_BATCH_CHUNK)
     chunk = _conv(x[part].transpose(3, 1, 2, 0), dy[part].transpose(1, 2, 0, 3), padding,
                   precision)
     dw = chunk if dw is None else dw + chunk
-  return dx, dw.transpose(1, 2, 0, 3)
+  return dw.transpose(1, 2, 0, 3)
 
 
-conv_nhwc.defvjp(_forward, _backward)
+_conv_nhwc.defvjp(_forward, _backward)
 
 
 def _is_nhwc(dimension_numbers) -> bool:

@@ -96,6 +96,8 @@ def has_tfds_dataset(name: str) -> bool:
 
 requires_mnist = pytest.mark.skipif(
     not has_tfds_dataset("mnist"), reason=f"mnist is not prepared in {SHARED_TFDS}")
+requires_cifar10 = pytest.mark.skipif(
+    not has_tfds_dataset("cifar10"), reason=f"cifar10 is not prepared in {SHARED_TFDS}")
 
 
 def sgd_with_class_sums(loss_and_rows, params, client, data, config, num_classes, width):

@@ -1,12 +1,13 @@
 """The benchmarks' quick modes run (so they do not rot) and write what they promise."""
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO, requires_mnist
+from conftest import REPO, SHARED_TFDS, requires_cifar10, requires_mnist
 
 
 def test_round_time_quick(tmp_path):
@@ -22,6 +23,21 @@ def test_round_time_quick(tmp_path):
     assert workload[strategy]["first_round_s"] >= workload[strategy]["median_round_s"]
     assert workload[strategy]["rounds_timed"] == 3
   assert result["machine"]["backend"] == "cpu"
+
+
+@requires_cifar10
+def test_round_time_conv_forms_quick(tmp_path):
+  out = tmp_path / "forms.json"
+  proc = subprocess.run([sys.executable, "benchmarks/round_time.py", "--quick", "--conv_forms",
+                         f"--out={out}"], cwd=REPO, capture_output=True,
+                        text=True, timeout=600,
+                        env=dict(os.environ, TFDS_DATA_DIR=SHARED_TFDS))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  [workload] = json.loads(out.read_text())["workloads"].values()
+  assert set(workload) == {"as trained", "no im2col", "XLA's kernel only"}
+  for variant in workload.values():
+    assert variant["median_round_s"] > 0 and variant["rounds_timed"] == 3
+  assert "| XLA's kernel only |" in proc.stdout and "1.00x" in proc.stdout
 
 
 def test_client_scaling_quick(tmp_path):
@@ -121,7 +137,8 @@ def test_conv_layers_finds_every_convolution_and_times_it(tmp_path):
   result = json.loads(out.read_text())
   assert result["batch_size"] == 8 and len(result["layers"]) == 2
   for layer in result["layers"]:
-    assert set(layer["fml_jax_ms"]) == {"forward", "dx", "dw", "plain_forward", "grid_forward"}
+    assert set(layer["fml_jax_ms"]) == {"forward", "dx", "dw", "plain_forward", "grid_forward",
+                                         "im2col_forward", "plain_dw", "im2col_dw"}
     assert all(ms > 0 for ms in layer["fml_jax_ms"].values())
     assert "torch_ms" not in layer
 

@@ -25,8 +25,11 @@ def loss_and_grads(conv_fn, x, w, strides=(1, 1), padding="SAME", **kw):
     ((2, 9, 9, 3), (3, 3, 3, 5), ((1, 0), (2, 1))),
     ((4, 8, 8, 1), (3, 2, 1, 6), "SAME"),       # even kernel width: asymmetric SAME pads
     # More examples than conv.WEIGHT_GRAD_BATCH_CHUNK: the weight gradient summed over
-    # chunks of 16, 16 and 5 examples.
-    ((37, 7, 7, 3), (3, 3, 3, 4), "SAME"),
+    # chunks of 16, 16 and 5 examples (45 numbers per patch: not the im2col path).
+    ((37, 7, 7, 5), (3, 3, 5, 4), "SAME"),
+    # A 3x3 kernel over 3 channels: forward pass and weight gradient as matmuls over
+    # the patches (conv.uses_im2col), more examples than a weight-gradient chunk.
+    ((19, 10, 9, 3), (3, 3, 3, 8), "VALID"),
     # Wider layers, asymmetric padding.
     ((3, 9, 9, 5), (3, 3, 5, 4), ((2, 0), (1, 1))),
     ((20, 6, 6, 8), (5, 5, 8, 3), "SAME"),
@@ -39,9 +42,9 @@ def test_values_and_gradients_equal_lax(shape, kernel, padding):
   np.testing.assert_allclose(value, ref_value, rtol=1e-5)
   for g, ref in zip(grads, ref_grads):
     assert g.shape == ref.shape
-    # Layers with few channels compute the forward pass on a space-to-depth grid: the
-    # same sums in another order, so the gradients agree to float32 rounding of the
-    # largest entry, not entry by entry.
+    # Layers with few channels compute the forward pass on a space-to-depth grid or as
+    # a matmul over patches: the same sums in another order, so the gradients agree to
+    # float32 rounding of the largest entry, not entry by entry.
     np.testing.assert_allclose(g, ref, rtol=1e-4, atol=2e-5 * np.abs(ref).max())
 
 
@@ -83,6 +86,63 @@ def test_which_layers_take_the_space_to_depth_grid():
   x, w = jnp.ones((2, 32, 32, 3)), jnp.ones((5, 5, 3, 6))
   forward = str(jax.make_jaxpr(lambda x, w: conv.conv_nhwc(x, w, ((2, 2), (2, 2))))(x, w))
   assert "f32[3,3,12,24]" in forward
+
+
+@pytest.mark.parametrize("shape,kernel,padding", [
+    ((4, 32, 32, 3), (3, 3, 3, 32), ((0, 0), (0, 0))),   # the official FML CNN on CIFAR-10
+    ((2, 9, 11, 3), (3, 3, 3, 5), ((1, 0), (2, 1))),     # asymmetric pads, odd sizes
+    ((3, 8, 7, 2), (2, 3, 2, 4), ((1, 0), (1, 1))),      # an even kernel height
+    ((2, 8, 8, 1), (5, 5, 1, 3), ((2, 2), (2, 2))),      # wider than the rule takes
+])
+def test_im2col_equals_the_plain_convolution_and_its_weight_gradient(shape, kernel, padding):
+  kx, kw, kd = jax.random.split(jax.random.PRNGKey(5), 3)
+  x, w = jax.random.normal(kx, shape), jax.random.normal(kw, kernel)
+  plain = lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=DN)
+  ours = jax.jit(conv.im2col_conv, static_argnums=2)(x, w, padding)
+  assert ours.shape == plain.shape
+  np.testing.assert_allclose(ours, plain, rtol=1e-5, atol=1e-5)
+  dy = jax.random.normal(kd, plain.shape)
+  _, vjp = jax.vjp(lambda w: lax.conv_general_dilated(x, w, (1, 1), padding,
+                                                       dimension_numbers=DN), w)
+  (ref_dw,) = vjp(dy)
+  dw = jax.jit(conv.im2col_weight_grad, static_argnums=(2, 3))(x, dy, kernel, padding)
+  np.testing.assert_allclose(dw, ref_dw, rtol=1e-5, atol=1e-5 * np.abs(ref_dw).max())
+  # One row per output pixel, the kernel's HWI order along it.
+  patches, out_shape = conv.im2col_patches(x, kernel[:2], padding)
+  assert patches.shape == (int(np.prod(out_shape)), kernel[0] * kernel[1] * kernel[2])
+  padded = np.pad(np.asarray(x), ((0, 0),) + padding + ((0, 0),))
+  n, h, v = out_shape[0] - 1, out_shape[1] - 1, out_shape[2] // 2
+  row = patches[(n * out_shape[1] + h) * out_shape[2] + v]
+  np.testing.assert_array_equal(row, padded[n, h:h + kernel[0], v:v + kernel[1]].reshape(-1))
+
+
+def test_which_layers_take_im2col():
+  assert conv.uses_im2col((3, 3, 3, 32))          # fml_cnn's first layer on CIFAR-10
+  assert not conv.uses_im2col((3, 3, 1, 32))      # one channel: XLA's kernel is fast
+  assert not conv.uses_im2col((5, 5, 3, 6))       # LeNet-5: 75 numbers, the grid instead
+  assert not conv.uses_im2col((3, 3, 32, 64))
+  x, w = jnp.ones((2, 32, 32, 3)), jnp.ones((3, 3, 3, 32))
+  step = str(jax.make_jaxpr(jax.grad(
+      lambda w: jnp.sum(conv.conv_nhwc(x, w, ((0, 0), (0, 0))))))(w))
+  # The forward pass and the weight gradient are matmuls; the input gradient, which a
+  # first layer does not need, stays a convolution (XLA drops it there).
+  assert step.count("dot_general") == 2 and step.count("conv_general_dilated") == 1
+
+
+def test_cpu_forms_chooses_what_is_traced_and_restores_the_rules():
+  x, w = jnp.ones((2, 32, 32, 3)), jnp.ones((3, 3, 3, 32))
+  # A function of its own per trace (a traced function keeps its first trace's forms);
+  # each takes the forms of its own block: the form is a static argument of the
+  # custom-gradient function, so JAX's caches of its traces keep one per form.
+  forward = lambda: (lambda x, w: conv.conv_nhwc(x, w, ((0, 0), (0, 0))))
+  with conv.cpu_forms(im2col=False):
+    assert conv.conv_form(w.shape) == "xla"
+    assert "conv_general_dilated" in str(jax.make_jaxpr(forward())(x, w))
+  with conv.cpu_forms(space_to_depth=False):
+    assert conv.conv_form((5, 5, 3, 6)) == "xla" and conv.conv_form(w.shape) == "im2col"
+  assert conv.conv_form(w.shape) == "im2col"
+  assert conv.conv_form((5, 5, 3, 6)) == "space_to_depth"
+  assert "conv_general_dilated" not in str(jax.make_jaxpr(forward())(x, w))
 
 
 def test_cases_it_does_not_cover_fall_back_to_lax():
