@@ -34,7 +34,6 @@ sys.path.insert(0, str(REPO))
 import jax  # pylint: disable=g-import-not-at-top
 
 from fml_jax import conv  # pylint: disable=g-import-not-at-top
-
 from fml_jax.algorithms import build_algorithm  # pylint: disable=g-import-not-at-top
 from fml_jax.configs import default, fml  # pylint: disable=g-import-not-at-top
 from fml_jax.data import load_federated_data  # pylint: disable=g-import-not-at-top

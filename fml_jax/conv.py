@@ -14,6 +14,11 @@ of `lax.conv_general_dilated` (flax's `nn.Conv(conv_general_dilated=...)`) and
 hands any case it does not cover (strides, dilation, groups, other layouts or
 ranks) to `lax.conv_general_dilated` unchanged. The gradients equal autodiff's
 (tests/test_conv.py).
+
+On the CPU, `conv_form` also picks per layer shape how the convolution is computed
+where XLA:CPU's kernel is measured slow: 3x3 kernels over RGB as matmuls over patches
+(im2col), layers with few channels on a 2x2 space-to-depth grid; the same sums in
+another order (float32 rounding). `cpu_forms` turns them off for A/B timings.
 """
 
 from __future__ import annotations
