@@ -57,10 +57,13 @@ def workloads(quick: bool, with_cnn: bool):
       yield "fml.py --config.model=cnn (MNIST, FML cnn, 10 of 10 clients)", mnist_fml("cnn")
 
 
-# The forms each `--conv_forms` variant allows (fml_jax.conv.cpu_forms).
-CONV_FORMS = {"as trained": dict(im2col=True, space_to_depth=True),
-              "no im2col": dict(im2col=False, space_to_depth=True),
-              "XLA's kernel only": dict(im2col=False, space_to_depth=False)}
+# What `measure` compares: the execution strategies with the convolution forms training
+# uses, or (`--conv_forms`) the forms fml_jax.conv.cpu_forms allows, under `auto`.
+STRATEGY_VARIANTS = {s: {"strategy": s, "forms": {}} for s in STRATEGIES}
+CONV_FORMS = {
+    "as trained": {"strategy": "auto", "forms": dict(im2col=True, space_to_depth=True)},
+    "no im2col": {"strategy": "auto", "forms": dict(im2col=False, space_to_depth=True)},
+    "XLA's kernel only": {"strategy": "auto", "forms": dict(im2col=False, space_to_depth=False)}}
 
 
 def conv_workloads(quick: bool):
@@ -81,26 +84,6 @@ def conv_workloads(quick: bool):
     yield "FedAvg, CIFAR-10, LeNet-5 (5 clients x 1,280, batch 64)", f
 
 
-def measure_conv_forms(config, rounds: int) -> dict:
-  """`measure`'s interleaved rounds, one runner per CONV_FORMS variant (what the
-  runner's `auto` strategy picks), each traced inside its variant's forms."""
-  data = load_federated_data(config)
-  runners, states, times = {}, {}, {v: [] for v in CONV_FORMS}
-  for variant in CONV_FORMS:
-    algorithm = build_algorithm(config, data.num_classes, data.input_shape)
-    runners[variant] = Runner(algorithm, data, config.clients_per_round, config.aggregation)
-    states[variant] = runners[variant].init(config.seed)
-  for _ in range(rounds):
-    for variant, forms in CONV_FORMS.items():
-      t0 = time.perf_counter()
-      with conv.cpu_forms(**forms):   # the first round traces and compiles
-        states[variant], report = runners[variant].run_round(states[variant])
-      jax.block_until_ready((states[variant], report))
-      times[variant].append(time.perf_counter() - t0)
-  return {v: {"first_round_s": t[0], "median_round_s": statistics.median(t[1:]),
-              "rounds_timed": len(t) - 1} for v, t in times.items()}
-
-
 def cpu_name() -> str:
   try:
     for line in open("/proc/cpuinfo"):  # Linux
@@ -111,23 +94,28 @@ def cpu_name() -> str:
   return platform.processor() or "unknown"
 
 
-def measure(config, rounds: int) -> dict:
+def measure(config, rounds: int, variants: dict | None = None) -> dict:
+  """Rounds of one workload, one runner per variant, run interleaved round by round so
+  a noisy shared machine slows them alike. A variant is {"strategy": the runner's
+  strategy, "forms": `conv.cpu_forms` settings its round is traced under}."""
+  variants = STRATEGY_VARIANTS if variants is None else variants
   data = load_federated_data(config)
-  runners, states, times = {}, {}, {s: [] for s in STRATEGIES}
-  for strategy in STRATEGIES:
+  runners, states, times = {}, {}, {v: [] for v in variants}
+  for name, variant in variants.items():
     algorithm = build_algorithm(config, data.num_classes, data.input_shape)
-    runners[strategy] = Runner(algorithm, data, config.clients_per_round, config.aggregation,
-                               strategy)
-    states[strategy] = runners[strategy].init(config.seed)
+    runners[name] = Runner(algorithm, data, config.clients_per_round, config.aggregation,
+                           variant["strategy"])
+    states[name] = runners[name].init(config.seed)
   for _ in range(rounds):
-    for strategy in STRATEGIES:   # interleaved: both see the same machine load
+    for name, variant in variants.items():
       t0 = time.perf_counter()
-      states[strategy], report = runners[strategy].run_round(states[strategy])
-      jax.block_until_ready((states[strategy], report))
-      times[strategy].append(time.perf_counter() - t0)
+      with conv.cpu_forms(**variant["forms"]):   # the first round traces and compiles
+        states[name], report = runners[name].run_round(states[name])
+      jax.block_until_ready((states[name], report))
+      times[name].append(time.perf_counter() - t0)
   steps = int(jax.device_get(-(-data.train_n // config.batch_size)).sum())
-  return {s: {"first_round_s": t[0], "median_round_s": statistics.median(t[1:]),
-              "rounds_timed": len(t) - 1} for s, t in times.items()} | {
+  return {v: {"first_round_s": t[0], "median_round_s": statistics.median(t[1:]),
+              "rounds_timed": len(t) - 1} for v, t in times.items()} | {
                   "client_steps_per_round_max": steps * config.local_epochs}
 
 
@@ -149,26 +137,20 @@ def main():
   print(f"{result['machine']['cpu']}, {result['machine']['cores']} cores, "
         f"{result['machine']['backend']}, jax {jax.__version__}\n")
   if args.conv_forms:
-    print("| workload | convolutions | first round (s, with compile) | median round (s) | "
-          "speed-up over XLA's kernel only |")
-    print("|---|---|---|---|---|")
-    for name, config in conv_workloads(args.quick):
-      r = measure_conv_forms(config, rounds)
-      result["workloads"][name] = r
-      for v in CONV_FORMS:
-        ratio = r["XLA's kernel only"]["median_round_s"] / r[v]["median_round_s"]
-        print(f"| {name} | {v} | {r[v]['first_round_s']:.2f} | {r[v]['median_round_s']:.3f} | "
-              f"{ratio:.2f}x |", flush=True)
-    write(result, args.out)
-    return
-  print("| workload | strategy | first round (s, with compile) | median round (s) | vs sequential |")
+    jobs, variants, column, base = conv_workloads(args.quick), CONV_FORMS, "convolutions", \
+        "XLA's kernel only"
+  else:
+    jobs, variants, column, base = workloads(args.quick, args.cnn), STRATEGY_VARIANTS, \
+        "strategy", "sequential"
+  print(f"| workload | {column} | first round (s, with compile) | median round (s) | "
+        f"speed-up over {base} |")
   print("|---|---|---|---|---|")
-  for name, config in workloads(args.quick, args.cnn):
-    r = measure(config, rounds)
+  for name, config in jobs:
+    r = measure(config, rounds, variants)
     result["workloads"][name] = r
-    for s in STRATEGIES:
-      ratio = r["sequential"]["median_round_s"] / r[s]["median_round_s"]
-      print(f"| {name} | {s} | {r[s]['first_round_s']:.2f} | {r[s]['median_round_s']:.3f} | "
+    for v in variants:
+      ratio = r[base]["median_round_s"] / r[v]["median_round_s"]
+      print(f"| {name} | {v} | {r[v]['first_round_s']:.2f} | {r[v]['median_round_s']:.3f} | "
             f"{ratio:.2f}x |", flush=True)
   write(result, args.out)
 

@@ -34,6 +34,7 @@ def test_round_time_conv_forms_quick(tmp_path):
                         env=dict(os.environ, TFDS_DATA_DIR=SHARED_TFDS))
   assert proc.returncode == 0, proc.stderr[-2000:]
   [workload] = json.loads(out.read_text())["workloads"].values()
+  assert workload.pop("client_steps_per_round_max") > 0
   assert set(workload) == {"as trained", "no im2col", "XLA's kernel only"}
   for variant in workload.values():
     assert variant["median_round_s"] > 0 and variant["rounds_timed"] == 3
