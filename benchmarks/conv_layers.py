@@ -16,10 +16,10 @@ and autograd beside them (NCHW, PyTorch's own threads), so a per-layer ratio say
 kernel loses. The last two columns time the forward pass every way fml_jax can run
 it (XLA's kernel on the layer as it is, on the 2x2 space-to-depth grid, one matmul over
 the input's patches) and the weight gradient both ways (XLA's kernel over batch chunks,
-the patches' matmul), and name the one training takes (`fml_jax.conv.conv_form`). Median of `--calls` calls after one
-warm-up. Prints a markdown table,
-writes JSON. XLA flags are read from the environment as usual, so running it twice
-with different `XLA_FLAGS` compares them.
+the patches' matmul), and name the one training takes (`fml_jax.conv.conv_form`).
+Median of `--calls` calls after one warm-up. Prints a markdown table, writes JSON.
+XLA flags are read from the environment as usual, so running it twice with different
+`XLA_FLAGS` compares them.
 """
 
 from __future__ import annotations
@@ -173,18 +173,21 @@ def main(argv=None) -> None:
 
   print(f"\n{cpu_name()}, {os.cpu_count()} cores, jax {jax.__version__}, batch {batch}, "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; median of {calls} calls, ms\n")
-  print("| model | layer | input (NHWC) | kernel (HWIO) | forward | dx | dw | PyTorch forward / dx / dw "
-        "| forward: XLA's kernel / the grid / im2col (taken) | dw: XLA's kernel / im2col (taken) |")
+  print("| model | layer | input (NHWC) | kernel (HWIO) | forward | dx | dw "
+        "| PyTorch forward / dx / dw | forward: XLA's kernel / the grid / im2col (taken) "
+        "| dw: XLA's kernel / im2col (taken) |")
   print("|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     t = r["fml_jax_ms"]
     p = r.get("torch_ms")
     theirs = f"{p['forward']:.2f} / {p['dx']:.2f} / {p['dw']:.2f}" if p else "n/a"
+    form = forward_form(r["kernel"])
+    forwards = f"{t['plain_forward']:.2f} / {t['grid_forward']:.2f} / {t['im2col_forward']:.2f}"
+    dws = f"{t['plain_dw']:.2f} / {t['im2col_dw']:.2f}"
     print(f"| {r['model']} | {r['layer']} | {'x'.join(map(str, r['input']))} | "
           f"{'x'.join(map(str, r['kernel']))} | {t['forward']:.2f} | {t['dx']:.2f} | "
-          f"{t['dw']:.2f} | {theirs} | {t['plain_forward']:.2f} / {t['grid_forward']:.2f} / "
-          f"{t['im2col_forward']:.2f} ({forward_form(r['kernel'])}) | {t['plain_dw']:.2f} / "
-          f"{t['im2col_dw']:.2f} ({'im2col' if conv.conv_form(r['kernel']) == 'im2col' else 'XLA'}) |")
+          f"{t['dw']:.2f} | {theirs} | {forwards} ({form}) | "
+          f"{dws} ({'im2col' if form == 'im2col' else 'XLA'}) |")
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps({
