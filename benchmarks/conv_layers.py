@@ -4,6 +4,7 @@ r"""Each convolution of a model, timed alone: forward, input gradient, weight gr
   python benchmarks/conv_layers.py --models=fml_cnn --batch_size=128
   XLA_FLAGS=--xla_cpu_use_onednn=true python benchmarks/conv_layers.py   # a flag's effect
   python benchmarks/conv_layers.py --quick                  # one model, few calls (tests)
+  taskset -c 0 python benchmarks/conv_layers.py --no_torch  # on one core
 
 Where a convnet's training step goes on a CPU is mostly in its convolutions
 (benchmarks/RESULTS.md, "Convnets on the CPU"). This script finds each `Conv` of a
@@ -17,6 +18,10 @@ kernel loses. The last two columns time the forward pass every way fml_jax can r
 it (XLA's kernel on the layer as it is, on the 2x2 space-to-depth grid, one matmul over
 the input's patches) and the weight gradient both ways (XLA's kernel over batch chunks,
 the patches' matmul), and name the one training takes (`fml_jax.conv.conv_form`).
+A column gives the forward pass's rate in GFLOP/s beside XLA's own float32 matmul
+rate on a large product, measured in the same run: how near the layer runs to what
+this CPU does at best. Run on one core (`taskset`), that is what each of two clients
+trained at once gets (`fml_jax.rounds.executors.CPU_CONCURRENT_CLIENTS`).
 Median of `--calls` calls after one warm-up. Prints a markdown table, writes JSON.
 XLA flags are read from the environment as usual, so running it twice with different
 `XLA_FLAGS` compares them.
@@ -85,6 +90,26 @@ def median_ms(call, calls: int) -> float:
     call()
     times.append(time.perf_counter() - start)
   return statistics.median(times) * 1e3
+
+
+def layer_gflop(layer: dict) -> float:
+  """The layer's forward convolution in GFLOP (2 per multiply-add). Its weight gradient
+  does as many; its input gradient as many up to the borders (all of them for SAME)."""
+  b, h, w, cin = layer["input"]
+  kh, kw, _, cout = layer["kernel"]
+  (top, bottom), (left, right) = layer["padding"]
+  out_h, out_w = h + top + bottom - kh + 1, w + left + right - kw + 1
+  return 2 * b * out_h * out_w * cout * kh * kw * cin / 1e9
+
+
+def matmul_gflops(size: int, calls: int) -> float:
+  """XLA's float32 matmul rate on a size x size x size product, GFLOP/s: the reference
+  for what this CPU does at best."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (size, size))
+  b = jax.random.normal(jax.random.PRNGKey(1), (size, size))
+  matmul = jax.jit(jnp.dot)
+  ms = median_ms(lambda: jax.block_until_ready(matmul(a, b)), calls)
+  return 2 * size ** 3 / 1e9 / (ms / 1e3)
 
 
 def time_fml_jax(layer: dict, calls: int) -> dict:
@@ -163,20 +188,25 @@ def main(argv=None) -> None:
     except ImportError:
       print("PyTorch is not installed: its columns are left empty (pip install torch)")
 
+  matmul_size = 256 if args.quick else 2048
+  matmul_rate = matmul_gflops(matmul_size, calls)
   rows = []
   for name in models:
     for i, layer in enumerate(conv_layers(name, INPUTS[name], batch)):
-      row = {"model": name, "layer": i + 1, **layer, "fml_jax_ms": time_fml_jax(layer, calls)}
+      row = {"model": name, "layer": i + 1, **layer, "gflop": layer_gflop(layer),
+             "fml_jax_ms": time_fml_jax(layer, calls)}
       if torch is not None:
         row["torch_ms"] = time_torch(torch, layer, calls)
       rows.append(row)
 
   print(f"\n{cpu_name()}, {os.cpu_count()} cores, jax {jax.__version__}, batch {batch}, "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; median of {calls} calls, ms\n")
-  print("| model | layer | input (NHWC) | kernel (HWIO) | forward | dx | dw "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, {len(os.sched_getaffinity(0))} "
+        f"cores usable; median of {calls} calls, ms; XLA's float32 matmul "
+        f"({matmul_size}^3): {matmul_rate:.0f} GFLOP/s\n")
+  print("| model | layer | input (NHWC) | kernel (HWIO) | forward | forward GFLOP/s | dx | dw "
         "| PyTorch forward / dx / dw | forward: XLA's kernel / the grid / im2col (taken) "
         "| dw: XLA's kernel / im2col (taken) |")
-  print("|---|---|---|---|---|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     t = r["fml_jax_ms"]
     p = r.get("torch_ms")
@@ -185,7 +215,8 @@ def main(argv=None) -> None:
     forwards = f"{t['plain_forward']:.2f} / {t['grid_forward']:.2f} / {t['im2col_forward']:.2f}"
     dws = f"{t['plain_dw']:.2f} / {t['im2col_dw']:.2f}"
     print(f"| {r['model']} | {r['layer']} | {'x'.join(map(str, r['input']))} | "
-          f"{'x'.join(map(str, r['kernel']))} | {t['forward']:.2f} | {t['dx']:.2f} | "
+          f"{'x'.join(map(str, r['kernel']))} | {t['forward']:.2f} | "
+          f"{r['gflop'] / (t['forward'] / 1e3):.0f} | {t['dx']:.2f} | "
           f"{t['dw']:.2f} | {theirs} | {forwards} ({form}) | "
           f"{dws} ({'im2col' if form == 'im2col' else 'XLA'}) |")
   out = Path(args.out)
@@ -194,6 +225,8 @@ def main(argv=None) -> None:
       "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
                   "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
                   "torch": getattr(torch, "__version__", None)},
+      "usable_cores": len(os.sched_getaffinity(0)),
+      "matmul": {"size": matmul_size, "gflops": matmul_rate},
       "batch_size": batch, "calls": calls, "layers": rows}, indent=1))
   print(f"\nwrote {out}")
 

@@ -137,6 +137,10 @@ def test_conv_layers_finds_every_convolution_and_times_it(tmp_path):
   conv_layers.main(["--quick", "--no_torch", f"--out={out}"])
   result = json.loads(out.read_text())
   assert result["batch_size"] == 8 and len(result["layers"]) == 2
+  assert result["matmul"]["size"] == 256 and result["matmul"]["gflops"] > 0
+  # LeNet-5's first layer at batch 8: 8 x 32 x 32 outputs x 6 channels x 75 multiply-adds.
+  assert result["layers"][0]["gflop"] == pytest.approx(2 * 8 * 32 * 32 * 6 * 75 / 1e9)
+  assert result["layers"][1]["gflop"] == pytest.approx(2 * 8 * 12 * 12 * 16 * 150 / 1e9)
   for layer in result["layers"]:
     assert set(layer["fml_jax_ms"]) == {"forward", "dx", "dw", "plain_forward", "grid_forward",
                                          "im2col_forward", "plain_dw", "im2col_dw"}
