@@ -102,6 +102,11 @@ def layer_gflop(layer: dict) -> float:
   return 2 * b * out_h * out_w * cout * kh * kw * cin / 1e9
 
 
+def usable_cores() -> int:
+  """The cores this process may run on (`taskset` narrows them; Linux only, else all)."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def matmul_gflops(size: int, calls: int) -> float:
   """XLA's float32 matmul rate on a size x size x size product, GFLOP/s: the reference
   for what this CPU does at best."""
@@ -200,7 +205,7 @@ def main(argv=None) -> None:
       rows.append(row)
 
   print(f"\n{cpu_name()}, {os.cpu_count()} cores, jax {jax.__version__}, batch {batch}, "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, {len(os.sched_getaffinity(0))} "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, {usable_cores()} "
         f"cores usable; median of {calls} calls, ms; XLA's float32 matmul "
         f"({matmul_size}^3): {matmul_rate:.0f} GFLOP/s\n")
   print("| model | layer | input (NHWC) | kernel (HWIO) | forward | forward GFLOP/s | dx | dw "
@@ -225,7 +230,7 @@ def main(argv=None) -> None:
       "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
                   "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
                   "torch": getattr(torch, "__version__", None)},
-      "usable_cores": len(os.sched_getaffinity(0)),
+      "usable_cores": usable_cores(),
       "matmul": {"size": matmul_size, "gflops": matmul_rate},
       "batch_size": batch, "calls": calls, "layers": rows}, indent=1))
   print(f"\nwrote {out}")

@@ -138,6 +138,7 @@ def test_conv_layers_finds_every_convolution_and_times_it(tmp_path):
   result = json.loads(out.read_text())
   assert result["batch_size"] == 8 and len(result["layers"]) == 2
   assert result["matmul"]["size"] == 256 and result["matmul"]["gflops"] > 0
+  assert 1 <= result["usable_cores"] <= result["machine"]["cores"]
   # LeNet-5's first layer at batch 8: 8 x 32 x 32 outputs x 6 channels x 75 multiply-adds.
   assert result["layers"][0]["gflop"] == pytest.approx(2 * 8 * 32 * 32 * 6 * 75 / 1e9)
   assert result["layers"][1]["gflop"] == pytest.approx(2 * 8 * 12 * 12 * 16 * 150 / 1e9)
