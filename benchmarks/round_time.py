@@ -71,16 +71,20 @@ def conv_workloads(quick: bool):
   flip), each client cut to 1,280 examples and one epoch so that a round takes
   seconds; and FedAvg with LeNet-5 on the same data."""
   from fml_jax.configs import fml_official  # pylint: disable=g-import-not-at-top
-  c = fml_official.get_config()
-  c.data_dir = os.environ.get("TFDS_DATA_DIR", str(REPO.parent / "shared" / "tfds"))
-  c.client_max_examples, c.local_epochs, c.eval_every = 1280, 1, 0
+
+  def cut():
+    c = fml_official.get_config()
+    c.data_dir = os.environ.get("TFDS_DATA_DIR", str(REPO.parent / "shared" / "tfds"))
+    c.client_max_examples, c.local_epochs, c.eval_every = 1280, 1, 0
+    return c
+
+  c = cut()
   if quick:   # tests: seconds in all (FedAvg compiles one model, not two)
     c.algorithm, c.client_max_examples, c.batch_size = "fedavg", 64, 32
   yield "fml_official.py, CIFAR-10 cut (FML, fml_cnn x2, 5 clients x 1,280)", c
   if not quick:
-    f = fml_official.get_config()
-    f.data_dir, f.algorithm, f.model, f.batch_size = c.data_dir, "fedavg", "lenet5", 64
-    f.client_max_examples, f.local_epochs, f.eval_every = 1280, 1, 0
+    f = cut()
+    f.algorithm, f.model, f.batch_size = "fedavg", "lenet5", 64
     yield "FedAvg, CIFAR-10, LeNet-5 (5 clients x 1,280, batch 64)", f
 
 
