@@ -122,8 +122,10 @@ def im2col_patches(x, kernel_size, padding):
   kh, kw = kernel_size
   x = jnp.pad(x, ((0, 0),) + tuple(padding) + ((0, 0),))
   out_h, out_w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
-  # The kernel's columns first, then its rows over those: XLA:CPU copies a few wide
-  # slices faster than kh * kw slices of C channels each (same patches).
+  # Slices, not `lax.conv_general_dilated_patches`: that builds the patches with a
+  # convolution, the kernel this form avoids (benchmarks/RESULTS.md, "im2col for small
+  # patches"). The kernel's columns first, then its rows over those: XLA:CPU copies a
+  # few wide slices faster than kh * kw slices of C channels each (same patches).
   columns = jnp.concatenate([x[:, :, j:j + out_w, :] for j in range(kw)], axis=-1)
   patches = jnp.concatenate([columns[:, i:i + out_h] for i in range(kh)], axis=-1)
   return patches.reshape(-1, patches.shape[-1]), (x.shape[0], out_h, out_w)

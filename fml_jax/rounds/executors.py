@@ -135,10 +135,10 @@ class Chunked(Vmap):
 
 # On a CPU the sequential strategy keeps this many clients' updates running at once,
 # each from its own host thread. XLA:CPU's kernels split one operation over the cores
-# poorly (one CNN step: 90 ms on one core, 65 ms on two), while two clients' steps side
-# by side fill both: on a 2-core machine 46 ms per CNN client-step against 62 ms one
-# after another, LeNet-5 19 ms against 28 ms (benchmarks/RESULTS.md, "Convnets on the
-# CPU"). Each client's program and inputs are the same either way, so are its results.
+# poorly, while two clients' steps side by side fill both: measured faster per
+# client-step for the CNN and LeNet-5 on 2-core machines (benchmarks/RESULTS.md,
+# "Convnets on the CPU": "Two clients at once", and the CNN step against the core's
+# best). Each client's program and inputs are the same either way, so are its results.
 CPU_CONCURRENT_CLIENTS = 2
 
 
